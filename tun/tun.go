@@ -1,0 +1,95 @@
+// Package tun is Baton's door to the kernel: the TUN device that carries the
+// anycast traffic between the host's routing table and Baton's userspace
+// stack, plus the netlink plumbing that brings the device up and routes the
+// anycast prefixes into it.
+//
+// The package knows nothing about TCP, flows or gVisor. It moves whole IP
+// packets (no packet-information header, no virtio header) in both directions
+// and reports honestly what it could not move. It must not parse, rewrite or
+// buffer packets: that belongs to the stack and handoff layers above it.
+//
+// The OS details live in tun_linux.go (water + netlink); fake.go holds an
+// in-memory Device for tests.
+package tun
+
+import (
+	"errors"
+	"net/netip"
+)
+
+// Device is one open TUN interface. A device may have several queues
+// (IFF_MULTI_QUEUE): the kernel spreads received flows over them by flow hash,
+// so each queue can be read by its own goroutine without reordering a flow.
+//
+// Read and Write block: a full kernel queue makes Write wait, which gives the
+// stack above natural backpressure instead of a silent drop.
+type Device interface {
+	// Name is the kernel interface name, e.g. "any0".
+	Name() string
+
+	// MTU is the device MTU in bytes: the largest IP packet Read returns and
+	// Write accepts.
+	MTU() int
+
+	// Queues is the number of queues; valid queue indexes are 0..Queues()-1.
+	Queues() int
+
+	// Read reads one IP packet from queue q into buf and returns its length.
+	// buf should be at least MTU() bytes; a larger packet is truncated and
+	// reported as ErrTruncated. Read blocks until a packet arrives or the
+	// device is closed (then it returns ErrClosed).
+	Read(q int, buf []byte) (int, error)
+
+	// Write writes one IP packet, given as a list of slices that are sent as
+	// one packet (writev), on queue q. It blocks while the kernel cannot
+	// take the packet. It returns ErrClosed after Close.
+	Write(q int, pkt [][]byte) error
+
+	// Stats returns the device's counters, including the kernel's own drop
+	// counters for the interface.
+	Stats() Stats
+
+	// Close closes every queue; blocked Reads and Writes return ErrClosed.
+	// Close does not remove routes (see Routes.Remove).
+	Close() error
+}
+
+// Stats counts what crossed the device and what was lost at it. Userspace
+// counters are exact; Kernel* counters come from the kernel's link
+// statistics (zero for fake devices).
+type Stats struct {
+	RxPackets, RxBytes uint64 // read from the device by Baton
+	TxPackets, TxBytes uint64 // written to the device by Baton
+	RxErrors           uint64 // failed reads, truncated packets included
+	TxErrors           uint64 // failed writes (packet lost)
+
+	// KernelTxDropped counts packets the kernel routed into the device but
+	// dropped because Baton did not read them in time (queue overflow).
+	KernelTxDropped uint64
+	// KernelRxDropped counts packets Baton wrote that the kernel dropped.
+	KernelRxDropped uint64
+}
+
+// Config describes the device to open.
+type Config struct {
+	// Name of the interface to create. It must not exist yet: an existing
+	// interface of that name means another process owns it.
+	Name string
+	// MTU of the interface, 576..65535 (1280 or more when IPv6 is routed).
+	MTU int
+	// Queues is the number of queues to open (1 disables IFF_MULTI_QUEUE).
+	Queues int
+	// TxQueueLen is the kernel transmit queue length (packets waiting for
+	// Baton to read them); 0 keeps the kernel default.
+	TxQueueLen int
+}
+
+// Errors returned by devices.
+var (
+	ErrClosed    = errors.New("tun: device closed")
+	ErrTruncated = errors.New("tun: packet larger than the read buffer")
+	ErrInUse     = errors.New("tun: interface already exists (in use by another process?)")
+)
+
+// Route is an anycast prefix routed into the device.
+type Route = netip.Prefix
