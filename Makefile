@@ -1,0 +1,85 @@
+# Baton. `make demo` runs the lab demo; `make test` runs every test (as root).
+# See README.md.
+
+GO       ?= go
+BIN      := bin
+PKGS     := ./...
+# Debian packages the lab and the tooling need (checked, installed if missing).
+DEB_PKGS := iproute2 protobuf-compiler ca-certificates
+# Pinned protoc plugins (make proto).
+PROTOC_GEN_GO      := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+PROTOC_GEN_GO_GRPC := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
+FUZZTIME ?= 10s
+
+.PHONY: all build test unit e2e fuzz bench demo proto proto-check lint deps clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+# The README's test command: lint, generated code freshness, unit + e2e
+# tests (e2e needs root: it builds network namespaces), bounded fuzzing.
+test: lint proto-check
+	$(GO) test -count=1 -race -timeout 30m $(PKGS)
+	$(MAKE) fuzz
+
+unit:
+	$(GO) test -count=1 -short $(PKGS)
+
+e2e: build
+	$(GO) test -count=1 -v -timeout 30m ./e2e/
+
+# Every fuzz target, each for $(FUZZTIME).
+fuzz:
+	@set -e; for pkg in $$($(GO) list ./...); do \
+	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
+	    echo "fuzz $$pkg $$f ($(FUZZTIME))"; \
+	    $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg; \
+	  done; \
+	done
+
+bench: build
+	$(GO) test -run '^$$' -bench . -benchmem $(PKGS)
+	$(BIN)/batonlab bench -batond $(BIN)/batond -out docs/bench/latest.json
+
+demo: deps build
+	$(BIN)/batonlab demo -batond $(BIN)/batond
+
+proto:
+	@command -v protoc >/dev/null || { echo "protoc missing: run make deps"; exit 1; }
+	$(GO) install $(PROTOC_GEN_GO)
+	$(GO) install $(PROTOC_GEN_GO_GRPC)
+	PATH="$$($(GO) env GOPATH)/bin:$$PATH" protoc -I proto \
+	  --go_out=proto --go_opt=paths=source_relative \
+	  --go-grpc_out=proto --go-grpc_opt=paths=source_relative \
+	  $$(find proto -name '*.proto')
+
+# Fails when the committed generated code differs from what `make proto` makes.
+proto-check:
+	@if [ -z "$$(find proto -name '*.proto' 2>/dev/null)" ]; then exit 0; fi; \
+	tmp=$$(mktemp -d); cp -r proto $$tmp/orig; \
+	$(MAKE) -s proto >/dev/null; \
+	if ! diff -r $$tmp/orig proto >/dev/null; then \
+	  diff -r $$tmp/orig proto | head -20; rm -rf proto; cp -r $$tmp/orig proto; rm -rf $$tmp; \
+	  echo "generated protobuf code is stale: run make proto and commit"; exit 1; fi; \
+	rm -rf $$tmp
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet $(PKGS)
+
+deps:
+	@missing=""; for p in $(DEB_PKGS); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@command -v $(GO) >/dev/null || { echo "go missing: install Go 1.26 (https://go.dev/dl) into /usr/local/go"; exit 1; }
+
+clean:
+	rm -rf $(BIN)
+	$(GO) clean -testcache
