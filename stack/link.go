@@ -71,8 +71,9 @@ type chain struct {
 //
 // It implements stack.LinkEndpoint and Injector.
 type Endpoint struct {
-	dev tun.Device
-	mtu uint32
+	dev    tun.Device
+	mtu    uint32
+	queues int
 
 	chain atomic.Pointer[chain]
 	// allDrops keeps every hookDrops ever created, so counters survive
@@ -82,7 +83,6 @@ type Endpoint struct {
 
 	mu         sync.RWMutex
 	dispatcher stack.NetworkDispatcher
-	onClose    func()
 
 	readers   sync.WaitGroup
 	closed    atomic.Bool
@@ -111,6 +111,7 @@ func NewEndpoint(dev tun.Device) *Endpoint {
 	e := &Endpoint{
 		dev:      dev,
 		mtu:      uint32(dev.MTU()),
+		queues:   dev.Queues(),
 		allDrops: make(map[string]*hookDrops),
 		failed:   make(chan struct{}),
 	}
@@ -294,8 +295,40 @@ func (e *Endpoint) writeOne(pkt *stack.PacketBuffer) tcpip.Error {
 	return e.write(p.Data)
 }
 
+// queueFor picks the device queue an outbound packet is written on. A
+// multiqueue TUN steers a flow's inbound packets to the queue its packets
+// were last written on (measured on Linux 6.18: 20 of 20 flows followed the
+// write), so each flow must always be written on the same queue, and flows
+// must be spread over the queues for their inbound packets to be spread over
+// the readers. The hash covers addresses and ports.
+func (e *Endpoint) queueFor(data []byte) int {
+	if e.queues <= 1 {
+		return 0
+	}
+	var key []byte
+	var proto uint8
+	var l4 int
+	switch data[0] >> 4 {
+	case header.IPv4Version:
+		ip := header.IPv4(data)
+		key, proto, l4 = data[12:20], ip.Protocol(), int(ip.HeaderLength())
+	case header.IPv6Version:
+		key, proto, l4 = data[8:40], data[6], header.IPv6MinimumSize
+	}
+	h := uint32(2166136261)
+	for _, b := range key {
+		h = (h ^ uint32(b)) * 16777619
+	}
+	if (proto == uint8(header.TCPProtocolNumber) || proto == uint8(header.UDPProtocolNumber)) && len(data) >= l4+4 {
+		for _, b := range data[l4 : l4+4] {
+			h = (h ^ uint32(b)) * 16777619
+		}
+	}
+	return int(h % uint32(e.queues))
+}
+
 func (e *Endpoint) write(data []byte) tcpip.Error {
-	if err := e.dev.Write(0, [][]byte{data}); err != nil {
+	if err := e.dev.Write(e.queueFor(data), [][]byte{data}); err != nil {
 		if errors.Is(err, tun.ErrClosed) {
 			return &tcpip.ErrClosedForSend{}
 		}
@@ -412,19 +445,12 @@ func (*Endpoint) ParseHeader(*stack.PacketBuffer) bool { return true }
 func (e *Endpoint) Close() {
 	e.closeOnce.Do(func() {
 		e.closed.Store(true)
-		e.mu.RLock()
-		f := e.onClose
-		e.mu.RUnlock()
-		if f != nil {
-			f()
-		}
 		_ = e.dev.Close()
 	})
 }
 
 // SetOnCloseAction implements stack.NetworkLinkEndpoint.SetOnCloseAction.
-func (e *Endpoint) SetOnCloseAction(f func()) {
-	e.mu.Lock()
-	e.onClose = f
-	e.mu.Unlock()
-}
+// The action (gVisor passes "remove the NIC", which closes this endpoint
+// again) is not run: the endpoint is only ever closed by the stack itself,
+// and a failed device is reported through Failed instead.
+func (e *Endpoint) SetOnCloseAction(func()) {}

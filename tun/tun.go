@@ -89,6 +89,9 @@ var (
 	ErrClosed    = errors.New("tun: device closed")
 	ErrTruncated = errors.New("tun: packet larger than the read buffer")
 	ErrInUse     = errors.New("tun: interface already exists (in use by another process?)")
+	// ErrPacketSize is returned by Write for an empty packet or one larger
+	// than the MTU; nothing is sent and TxErrors counts it.
+	ErrPacketSize = errors.New("tun: packet empty or larger than the MTU")
 )
 
 // Route is an anycast prefix routed into the device.

@@ -12,11 +12,12 @@ import (
 	"io"
 	"net/netip"
 	"os"
-	"sort"
 	"strconv"
 	"strings"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/baton-anycast/baton/stack/services"
 )
 
 // Config is batond's whole configuration. The YAML keys are the flag names.
@@ -53,8 +54,7 @@ type LogConfig struct {
 	Format string `yaml:"format"` // text or json
 }
 
-// knownServices are the service names and their transport. Keep in sync with
-// the catalog in stack/services (the daemon checks both).
+// defaultServices are the services a node serves when none are configured.
 var defaultServices = []ServiceConfig{
 	{Name: "stream", Port: 9000},
 	{Name: "echo", Port: 7},
@@ -331,10 +331,11 @@ func validateServices(svcs []ServiceConfig) error {
 	used := map[string]string{} // "tcp/80" -> service
 	names := map[string]bool{}
 	for _, s := range svcs {
-		proto, ok := serviceProto[s.Name]
-		if !ok {
-			return fmt.Errorf("services: unknown service %q (known: %s)", s.Name, strings.Join(serviceNames(), ", "))
+		entry, err := services.Builtin().Lookup(s.Name)
+		if err != nil {
+			return err
 		}
+		proto := entry.Transport.String()
 		if names[s.Name] {
 			return fmt.Errorf("services.%s: listed twice", s.Name)
 		}
@@ -351,22 +352,7 @@ func validateServices(svcs []ServiceConfig) error {
 	return nil
 }
 
-// serviceProto maps each known service to its transport.
-var serviceProto = map[string]string{
-	"stream": "tcp",
-	"echo":   "tcp",
-	"http":   "tcp",
-	"whoami": "udp",
-}
-
-func serviceNames() []string {
-	names := make([]string, 0, len(serviceProto))
-	for n := range serviceProto {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	return names
-}
+func serviceNames() []string { return services.Builtin().Names() }
 
 func validateAddr(field, s string, unixOK bool) error {
 	if strings.HasPrefix(s, "unix:") {

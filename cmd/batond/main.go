@@ -148,8 +148,12 @@ func (d *daemon) start() error {
 	if err := d.startMetrics(); err != nil {
 		return err
 	}
-	d.routes = tun.NewRoutes(cfg.TUN.Name)
-	if err := d.routes.Add(cfg.prefixes); err != nil {
+	routes, err := tun.NewRoutes(cfg.TUN.Name)
+	if err != nil {
+		return err
+	}
+	d.routes = routes
+	if err := d.routes.Add(cfg.prefixes...); err != nil {
 		return err
 	}
 	d.state.set(batonv1.NodeState_NODE_STATE_SERVING)
@@ -160,7 +164,7 @@ func (d *daemon) start() error {
 }
 
 func (d *daemon) addService(sc ServiceConfig) error {
-	svc, err := services.New(sc.Name, d.cfg.Node)
+	svc, err := services.Builtin().New(sc.Name, d.cfg.Node)
 	if err != nil {
 		return fmt.Errorf("services.%s: %v", sc.Name, err)
 	}

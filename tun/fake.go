@@ -1,0 +1,278 @@
+// fake.go: Fake, an in-memory Device for unit tests and in-process
+// multi-stack tests. It works on every OS and needs no privileges.
+
+package tun
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+)
+
+// Fake is an in-memory Device. Baton's side uses the Device methods; the test
+// plays the kernel with Deliver (a packet for Baton to Read) and Receive (the
+// next packet Baton wrote).
+//
+// Both directions are bounded queues of depth packets and both block when
+// full, never drop: Deliver blocks while the chosen read queue is full, and
+// Baton's Write blocks while depth written packets wait for the test to
+// Receive them. A test that never drains Receive therefore stalls the stack's
+// writers, exactly as it should notice. Close unblocks everything with
+// ErrClosed.
+//
+// Unlike the kernel, Fake never drops, so KernelTxDropped and KernelRxDropped
+// stay zero; the other counters follow the same rules as the real device.
+type Fake struct {
+	name string
+	mtu  int
+
+	rx     []chan []byte // per queue: packets for Baton's Read
+	tx     chan []byte   // packets Baton wrote, oldest first
+	txFree chan []byte   // recycled MTU-sized buffers, so Write does not allocate
+	rr     atomic.Uint32 // round robin for non-IP packets
+
+	closed    atomic.Bool
+	done      chan struct{}
+	closeOnce sync.Once
+
+	c counters
+}
+
+var _ Device = (*Fake)(nil)
+
+// NewFake returns a Fake with the given name, MTU, number of queues and
+// queue depth (in packets). It panics on non-positive arguments: it is a test
+// helper, and a zero depth would deadlock the first Write.
+func NewFake(name string, mtu, queues, depth int) *Fake {
+	if mtu <= 0 || queues <= 0 || depth <= 0 {
+		panic(fmt.Sprintf("tun.NewFake(%q, %d, %d, %d): mtu, queues and depth must be positive", name, mtu, queues, depth))
+	}
+	f := &Fake{
+		name:   name,
+		mtu:    mtu,
+		rx:     make([]chan []byte, queues),
+		tx:     make(chan []byte, depth),
+		txFree: make(chan []byte, depth),
+		done:   make(chan struct{}),
+		c:      make(counters, queues),
+	}
+	for i := range f.rx {
+		f.rx[i] = make(chan []byte, depth)
+	}
+	for range depth {
+		// Allocated lazily by the first Write that takes it, then reused.
+		f.txFree <- nil
+	}
+	return f
+}
+
+// Name returns the name given to NewFake.
+func (f *Fake) Name() string { return f.name }
+
+// MTU returns the MTU given to NewFake.
+func (f *Fake) MTU() int { return f.mtu }
+
+// Queues returns the number of queues.
+func (f *Fake) Queues() int { return len(f.rx) }
+
+// Read implements Device.
+func (f *Fake) Read(q int, buf []byte) (int, error) {
+	if uint(q) >= uint(len(f.rx)) {
+		return 0, badQueue(f.name, q, len(f.rx))
+	}
+	if len(buf) == 0 {
+		return 0, io.ErrShortBuffer
+	}
+	if f.closed.Load() {
+		return 0, ErrClosed
+	}
+	var pkt []byte
+	select {
+	case pkt = <-f.rx[q]:
+	case <-f.done:
+		return 0, ErrClosed
+	}
+	c := &f.c[q].rx
+	n := copy(buf, pkt)
+	if n < len(pkt) {
+		c.errors.Add(1)
+		return n, ErrTruncated
+	}
+	c.ok(n)
+	return n, nil
+}
+
+// Write implements Device. It blocks while depth packets wait for Receive.
+func (f *Fake) Write(q int, pkt [][]byte) error {
+	if uint(q) >= uint(len(f.rx)) {
+		return badQueue(f.name, q, len(f.rx))
+	}
+	if f.closed.Load() {
+		return ErrClosed
+	}
+	c := &f.c[q].tx
+	total := 0
+	for _, s := range pkt {
+		total += len(s)
+	}
+	if total == 0 || total > f.mtu {
+		c.errors.Add(1)
+		return ErrPacketSize
+	}
+	var buf []byte
+	select {
+	case buf = <-f.txFree:
+	case <-f.done:
+		return ErrClosed
+	}
+	if buf == nil {
+		buf = make([]byte, 0, f.mtu)
+	}
+	buf = buf[:0]
+	for _, s := range pkt {
+		buf = append(buf, s...)
+	}
+	// Never blocks: there are only depth buffers and tx holds depth.
+	f.tx <- buf
+	c.ok(total)
+	return nil
+}
+
+// Stats implements Device. Kernel counters are always zero.
+func (f *Fake) Stats() Stats { return f.c.snapshot() }
+
+// Close implements Device: pending and later calls on either side return
+// ErrClosed. It is idempotent.
+func (f *Fake) Close() error {
+	f.closeOnce.Do(func() {
+		f.closed.Store(true)
+		close(f.done)
+	})
+	return nil
+}
+
+// Deliver plays the kernel routing pkt into the device: it copies pkt into
+// the read queue chosen by the packet's flow (see FlowQueue), blocking while
+// that queue is full, until ctx is done or the device is closed.
+func (f *Fake) Deliver(ctx context.Context, pkt []byte) error {
+	return f.DeliverTo(ctx, f.FlowQueue(pkt), pkt)
+}
+
+// DeliverTo is Deliver onto an explicit queue.
+func (f *Fake) DeliverTo(ctx context.Context, q int, pkt []byte) error {
+	if uint(q) >= uint(len(f.rx)) {
+		return badQueue(f.name, q, len(f.rx))
+	}
+	if len(pkt) == 0 || len(pkt) > f.mtu {
+		return fmt.Errorf("tun: fake %s: cannot deliver a %d-byte packet (MTU %d)", f.name, len(pkt), f.mtu)
+	}
+	if f.closed.Load() {
+		return ErrClosed
+	}
+	cp := bytes.Clone(pkt)
+	select {
+	case f.rx[q] <- cp:
+		return nil
+	case <-f.done:
+		return ErrClosed
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Receive plays the kernel taking the next packet Baton wrote (on any queue,
+// in write order). It returns a copy the caller owns, blocking until a packet
+// is written, ctx is done or the device is closed.
+func (f *Fake) Receive(ctx context.Context) ([]byte, error) {
+	if f.closed.Load() {
+		return nil, ErrClosed
+	}
+	select {
+	case buf := <-f.tx:
+		pkt := bytes.Clone(buf)
+		f.txFree <- buf
+		return pkt, nil
+	case <-f.done:
+		return nil, ErrClosed
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// FlowQueue returns the queue Deliver uses for pkt. Like the kernel's
+// multiqueue TUN it keeps a flow on one queue and is symmetric (both
+// directions of a flow map to the same queue): it hashes (FNV-1a) the
+// address pair and, for unfragmented TCP, UDP and SCTP, the port pair, with
+// each pair put in a canonical order, plus the protocol. IPv6 extension
+// headers are not walked (ports are then left out). Packets that are not
+// IPv4 or IPv6 go round robin. The mapping differs from the kernel's (which
+// is seeded randomly at boot); tests must not depend on which queue a flow
+// gets, only on it being stable.
+func (f *Fake) FlowQueue(pkt []byte) int {
+	n := uint32(len(f.rx))
+	if n == 1 {
+		return 0
+	}
+	h, ok := flowHash(pkt)
+	if !ok {
+		h = f.rr.Add(1)
+	}
+	return int(h % n)
+}
+
+func flowHash(pkt []byte) (uint32, bool) {
+	if len(pkt) < 1 {
+		return 0, false
+	}
+	var src, dst, ports []byte
+	var proto byte
+	switch pkt[0] >> 4 {
+	case 4:
+		ihl := int(pkt[0]&0x0f) * 4
+		if len(pkt) < 20 || ihl < 20 {
+			return 0, false
+		}
+		proto, src, dst = pkt[9], pkt[12:16], pkt[16:20]
+		fragmented := pkt[6]&0x3f != 0 || pkt[7] != 0 // MF flag or offset
+		if !fragmented && len(pkt) >= ihl+4 {
+			ports = pkt[ihl : ihl+4]
+		}
+	case 6:
+		if len(pkt) < 40 {
+			return 0, false
+		}
+		proto, src, dst = pkt[6], pkt[8:24], pkt[24:40]
+		if len(pkt) >= 44 {
+			ports = pkt[40:44]
+		}
+	default:
+		return 0, false
+	}
+	switch proto {
+	case 6, 17, 132: // TCP, UDP, SCTP: ports first in the header
+	default:
+		ports = nil
+	}
+	var sp, dp []byte
+	if ports != nil {
+		sp, dp = ports[0:2], ports[2:4]
+	}
+	// Canonical order of the two endpoints makes the hash symmetric.
+	if c := bytes.Compare(src, dst); c > 0 || (c == 0 && bytes.Compare(sp, dp) > 0) {
+		src, dst, sp, dp = dst, src, dp, sp
+	}
+	h := uint32(2166136261)
+	for _, part := range [...][]byte{src, dst, sp, dp, {proto}} {
+		for _, b := range part {
+			h = (h ^ uint32(b)) * 16777619
+		}
+	}
+	return h, true
+}
+
+func badQueue(name string, q, n int) error {
+	return fmt.Errorf("tun: %s: queue %d out of range 0..%d", name, q, n-1)
+}
