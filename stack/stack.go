@@ -197,6 +197,10 @@ func New(dev tun.Device, cfg Config) (*Stack, error) {
 		st.s.Destroy()
 		return nil, fmt.Errorf("stack: spoofing: %s", err)
 	}
+	if err := st.addAnycastAddresses(); err != nil {
+		st.s.Destroy()
+		return nil, err
+	}
 	// Every reply leaves through the TUN: the kernel routes it on.
 	st.s.SetRouteTable([]tcpip.Route{
 		{Destination: header.IPv4EmptySubnet, NIC: nicID},
@@ -207,6 +211,39 @@ func New(dev tun.Device, cfg Config) (*Stack, error) {
 	ufwd := udp.NewForwarder(st.s, st.acceptUDP)
 	st.s.SetTransportProtocolHandler(udp.ProtocolNumber, ufwd.HandlePacket)
 	return st, nil
+}
+
+// MaxListedPrefixAddresses bounds how many addresses of one anycast prefix
+// are assigned to the NIC one by one. Promiscuous mode makes every address
+// of every prefix work for TCP and UDP, but gVisor treats such addresses as
+// temporary and does not answer an IPv4 echo request sent to one; assigning
+// them makes ping work. Anycast prefixes are normally single addresses (/32,
+// /128) or small blocks; a larger prefix is served without IPv4 ping.
+const MaxListedPrefixAddresses = 256
+
+func (st *Stack) addAnycastAddresses() error {
+	for _, p := range st.cfg.Prefixes {
+		hostBits := p.Addr().BitLen() - p.Bits()
+		if hostBits > 8 { // more than MaxListedPrefixAddresses
+			st.log.Info("anycast prefix too large to list its addresses: TCP and UDP are served, IPv4 ping is not answered",
+				"prefix", p.String())
+			continue
+		}
+		proto := ipv4.ProtocolNumber
+		if p.Addr().Is6() {
+			proto = ipv6.ProtocolNumber
+		}
+		a := p.Masked().Addr()
+		for i := 0; i < 1<<hostBits && p.Contains(a); i++ {
+			pa := tcpip.ProtocolAddress{Protocol: proto, AddressWithPrefix: tcpip.AddressWithPrefix{
+				Address: tcpip.AddrFromSlice(a.AsSlice()), PrefixLen: p.Addr().BitLen()}}
+			if err := st.s.AddProtocolAddress(nicID, pa, stack.AddressProperties{}); err != nil {
+				return fmt.Errorf("stack: add anycast address %v: %s", a, err)
+			}
+			a = a.Next()
+		}
+	}
+	return nil
 }
 
 func (st *Stack) configureTCP() error {
