@@ -13,7 +13,7 @@ import (
 type nodeCollector struct {
 	d *daemon
 
-	devPackets, devBytes, devErrors, devKernelDrops *prometheus.Desc
+	devPackets, devBytes, devErrors, devKernelDrops  *prometheus.Desc
 	linkPackets, linkConsumed, linkNotIP, linkInject *prometheus.Desc
 	hookDrops                                        *prometheus.Desc
 	svcConns, svcActive, svcBytes                    *prometheus.Desc
