@@ -168,10 +168,15 @@ func parseYAML(data []byte, cfg *Config) error {
 		if errors.Is(err, io.EOF) {
 			return nil // empty file
 		}
-		// yaml.v3 errors can span lines; keep the first.
-		msg := strings.TrimPrefix(err.Error(), "yaml: ")
-		if i := strings.IndexByte(msg, '\n'); i >= 0 {
-			msg = strings.TrimSpace(msg[i+1:])
+		// yaml.v3 lists every problem on its own line under a header
+		// ("yaml: unmarshal errors:"); report the first problem.
+		lines := strings.Split(strings.TrimPrefix(err.Error(), "yaml: "), "\n")
+		msg := strings.TrimSpace(lines[0])
+		if len(lines) > 1 && strings.HasSuffix(msg, ":") {
+			msg = strings.TrimSpace(lines[1])
+			if extra := len(lines) - 2; extra > 0 {
+				msg += fmt.Sprintf(" (and %d more)", extra)
+			}
 		}
 		return errors.New(msg)
 	}
