@@ -126,6 +126,9 @@ func (d *daemon) start() error {
 	dev, err := tun.Open(tun.Config{
 		Name: cfg.TUN.Name, MTU: cfg.TUN.MTU, Queues: cfg.TUN.Queues, TxQueueLen: cfg.TUN.TxQueueLen,
 	})
+	if errors.Is(err, tun.ErrInUse) {
+		return fmt.Errorf("tun.name: interface %s already exists (in use by another process?)", cfg.TUN.Name)
+	}
 	if err != nil {
 		return err
 	}

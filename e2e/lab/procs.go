@@ -48,6 +48,16 @@ type Proc struct {
 // gets SIGKILL if that thread dies first (PR_SET_PDEATHSIG), i.e. if the
 // test binary dies without running Close. It runs in its own process group.
 func (ns *NS) Start(name string, argv []string, env []string) (*Proc, error) {
+	return ns.start(name, argv, env, nil)
+}
+
+// StartAs is Start with the process running as user and group uid, with no
+// capabilities (to test what an unprivileged user can do).
+func (ns *NS) StartAs(name string, argv []string, env []string, uid uint32) (*Proc, error) {
+	return ns.start(name, argv, env, &syscall.Credential{Uid: uid, Gid: uid})
+}
+
+func (ns *NS) start(name string, argv []string, env []string, cred *syscall.Credential) (*Proc, error) {
 	l := ns.lab
 	if l == nil {
 		return nil, errors.New("lab: namespace has no lab")
@@ -72,8 +82,9 @@ func (ns *NS) Start(name string, argv []string, env []string) (*Proc, error) {
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Setpgid:   true,
-		Pdeathsig: syscall.SIGKILL,
+		Setpgid:    true,
+		Pdeathsig:  syscall.SIGKILL,
+		Credential: cred,
 	}
 	p := &Proc{Name: name, NS: ns, cmd: cmd, logPath: logPath, done: make(chan struct{})}
 
