@@ -26,6 +26,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/baton-anycast/baton/stack/services"
 )
 
 // ServiceStats are one service's counters.
@@ -108,22 +110,39 @@ type trackedConn struct {
 	cancel context.CancelFunc
 }
 
-// countingConn counts payload bytes for the service's stats.
+// countingConn counts payload bytes for the service's stats and the bytes
+// this connection's service has written (for checkpoints).
 type countingConn struct {
 	*gonet.TCPConn
-	c *svcCounters
+	c       *svcCounters
+	written atomic.Uint64
 }
 
-func (c countingConn) Read(b []byte) (int, error) {
+func (c *countingConn) Read(b []byte) (int, error) {
 	n, err := c.TCPConn.Read(b)
 	c.c.bytesIn.Add(uint64(n))
 	return n, err
 }
 
-func (c countingConn) Write(b []byte) (int, error) {
+func (c *countingConn) Write(b []byte) (int, error) {
 	n, err := c.TCPConn.Write(b)
 	c.c.bytesOut.Add(uint64(n))
+	c.written.Add(uint64(n))
 	return n, err
+}
+
+// CheckpointSink receives the checkpoints services publish (see
+// services.Checkpoint): the connection's client and anycast address, how
+// many bytes the service had written to the connection when it published,
+// and the data. It is called on the service's goroutine and must not block.
+type CheckpointSink func(client, anycast netip.AddrPort, written uint64, data []byte)
+
+// SetCheckpointSink installs the receiver of service checkpoints (the
+// handoff layer). Connections accepted before the call have none.
+func (st *Stack) SetCheckpointSink(f CheckpointSink) {
+	st.mu.Lock()
+	st.checkpoints = f
+	st.mu.Unlock()
 }
 
 // track registers a connection; it returns nil when the stack is closing.
@@ -166,16 +185,19 @@ func (st *Stack) acceptTCP(req *tcp.ForwarderRequest) {
 		return
 	}
 	req.Complete(false)
-	st.serveConn(svc, id.LocalPort, gonet.NewTCPConn(&wq, ep))
+	client := netip.AddrPortFrom(addrFromTCPIP(id.RemoteAddress.AsSlice()), id.RemotePort)
+	anycast := netip.AddrPortFrom(addrFromTCPIP(id.LocalAddress.AsSlice()), id.LocalPort)
+	st.serveConn(svc, client, anycast, gonet.NewTCPConn(&wq, ep))
 }
 
 // serveConn runs svc on conn until it returns, then closes conn.
 func (st *Stack) serveConn(svc interface {
 	Name() string
 	ServeConn(context.Context, net.Conn) error
-}, port uint16, conn *gonet.TCPConn) {
+}, client, anycast netip.AddrPort, conn *gonet.TCPConn) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	port := anycast.Port()
 	tc := st.track(cancel)
 	if tc == nil {
 		conn.Close()
@@ -189,7 +211,16 @@ func (st *Stack) serveConn(svc interface {
 	// Cancelling the context unblocks the service's pending I/O.
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
-	if err := svc.ServeConn(ctx, countingConn{conn, c}); err != nil && ctx.Err() == nil {
+	cc := &countingConn{TCPConn: conn, c: c}
+	st.mu.Lock()
+	sink := st.checkpoints
+	st.mu.Unlock()
+	if sink != nil {
+		ctx = services.WithCheckpoint(ctx, func(data []byte) {
+			sink(client, anycast, cc.written.Load(), data)
+		})
+	}
+	if err := svc.ServeConn(ctx, cc); err != nil && ctx.Err() == nil {
 		st.log.Debug("connection ended with error", "service", svc.Name(),
 			"client", conn.RemoteAddr().String(), "err", err)
 	}

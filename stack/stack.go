@@ -129,8 +129,9 @@ type Stack struct {
 	closed bool
 	wg     sync.WaitGroup
 
-	udpSlots chan struct{}
-	stats    serveStats
+	udpSlots    chan struct{}
+	stats       serveStats
+	checkpoints CheckpointSink
 }
 
 // New builds a stack on dev. The stack owns dev from now on. Packets start
@@ -332,4 +333,14 @@ func (st *Stack) Close() {
 	st.ep.Close()
 	st.wg.Wait()
 	st.s.Wait()
+}
+
+// TCPServiceName returns the name of the service on TCP port, or "".
+func (st *Stack) TCPServiceName(port uint16) string {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if s, ok := st.tcpSvc[port]; ok {
+		return s.Name()
+	}
+	return ""
 }

@@ -37,6 +37,8 @@ const (
 	NodeState_NODE_STATE_STOPPING NodeState = 3
 	// Failed: the TUN device failed; the node no longer serves.
 	NodeState_NODE_STATE_FAILED NodeState = 4
+	// Draining: serving existing flows, asking the network for no new ones.
+	NodeState_NODE_STATE_DRAINING NodeState = 5
 )
 
 // Enum value maps for NodeState.
@@ -47,6 +49,7 @@ var (
 		2: "NODE_STATE_SERVING",
 		3: "NODE_STATE_STOPPING",
 		4: "NODE_STATE_FAILED",
+		5: "NODE_STATE_DRAINING",
 	}
 	NodeState_value = map[string]int32{
 		"NODE_STATE_UNSPECIFIED": 0,
@@ -54,6 +57,7 @@ var (
 		"NODE_STATE_SERVING":     2,
 		"NODE_STATE_STOPPING":    3,
 		"NODE_STATE_FAILED":      4,
+		"NODE_STATE_DRAINING":    5,
 	}
 )
 
@@ -799,11 +803,796 @@ func (x *HookDrops) GetOutbound() uint64 {
 	return 0
 }
 
+type ListFlowsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Filters; empty or unspecified means any.
+	Owner   string    `protobuf:"bytes,1,opt,name=owner,proto3" json:"owner,omitempty"`
+	Phase   FlowPhase `protobuf:"varint,2,opt,name=phase,proto3,enum=baton.v1.FlowPhase" json:"phase,omitempty"`
+	Service string    `protobuf:"bytes,3,opt,name=service,proto3" json:"service,omitempty"`
+	// Only this node's own table (flows it owns and replicas it holds).
+	LocalOnly bool `protobuf:"varint,4,opt,name=local_only,json=localOnly,proto3" json:"local_only,omitempty"`
+	// Page size: default 100, at most 1000.
+	PageSize uint32 `protobuf:"varint,5,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// From a previous response's next_page_token.
+	PageToken     string `protobuf:"bytes,6,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListFlowsRequest) Reset() {
+	*x = ListFlowsRequest{}
+	mi := &file_baton_v1_admin_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListFlowsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListFlowsRequest) ProtoMessage() {}
+
+func (x *ListFlowsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_admin_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListFlowsRequest.ProtoReflect.Descriptor instead.
+func (*ListFlowsRequest) Descriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *ListFlowsRequest) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *ListFlowsRequest) GetPhase() FlowPhase {
+	if x != nil {
+		return x.Phase
+	}
+	return FlowPhase_FLOW_PHASE_UNSPECIFIED
+}
+
+func (x *ListFlowsRequest) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *ListFlowsRequest) GetLocalOnly() bool {
+	if x != nil {
+		return x.LocalOnly
+	}
+	return false
+}
+
+func (x *ListFlowsRequest) GetPageSize() uint32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListFlowsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// FlowEntry is a flow with where its state lives.
+type FlowEntry struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	State *FlowState             `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	// Nodes that should hold a replica (rendezvous placement).
+	Replicas      []string `protobuf:"bytes,2,rep,name=replicas,proto3" json:"replicas,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FlowEntry) Reset() {
+	*x = FlowEntry{}
+	mi := &file_baton_v1_admin_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FlowEntry) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FlowEntry) ProtoMessage() {}
+
+func (x *FlowEntry) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_admin_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FlowEntry.ProtoReflect.Descriptor instead.
+func (*FlowEntry) Descriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *FlowEntry) GetState() *FlowState {
+	if x != nil {
+		return x.State
+	}
+	return nil
+}
+
+func (x *FlowEntry) GetReplicas() []string {
+	if x != nil {
+		return x.Replicas
+	}
+	return nil
+}
+
+type ListFlowsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Flows         []*FlowEntry           `protobuf:"bytes,1,rep,name=flows,proto3" json:"flows,omitempty"`
+	NextPageToken string                 `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	// Flows matching the filters, over all pages.
+	Total uint32 `protobuf:"varint,3,opt,name=total,proto3" json:"total,omitempty"`
+	// Peers that could not be asked (their flows are missing).
+	UnreachablePeers []string `protobuf:"bytes,4,rep,name=unreachable_peers,json=unreachablePeers,proto3" json:"unreachable_peers,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *ListFlowsResponse) Reset() {
+	*x = ListFlowsResponse{}
+	mi := &file_baton_v1_admin_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListFlowsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListFlowsResponse) ProtoMessage() {}
+
+func (x *ListFlowsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_admin_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListFlowsResponse.ProtoReflect.Descriptor instead.
+func (*ListFlowsResponse) Descriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *ListFlowsResponse) GetFlows() []*FlowEntry {
+	if x != nil {
+		return x.Flows
+	}
+	return nil
+}
+
+func (x *ListFlowsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+func (x *ListFlowsResponse) GetTotal() uint32 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
+func (x *ListFlowsResponse) GetUnreachablePeers() []string {
+	if x != nil {
+		return x.UnreachablePeers
+	}
+	return nil
+}
+
+type GetFlowRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           *FlowKey               `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetFlowRequest) Reset() {
+	*x = GetFlowRequest{}
+	mi := &file_baton_v1_admin_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetFlowRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetFlowRequest) ProtoMessage() {}
+
+func (x *GetFlowRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_admin_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetFlowRequest.ProtoReflect.Descriptor instead.
+func (*GetFlowRequest) Descriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *GetFlowRequest) GetKey() *FlowKey {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+// FlowCopy is the state one node holds for a flow.
+type FlowCopy struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Owned         bool                   `protobuf:"varint,2,opt,name=owned,proto3" json:"owned,omitempty"`
+	State         *FlowState             `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FlowCopy) Reset() {
+	*x = FlowCopy{}
+	mi := &file_baton_v1_admin_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FlowCopy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FlowCopy) ProtoMessage() {}
+
+func (x *FlowCopy) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_admin_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FlowCopy.ProtoReflect.Descriptor instead.
+func (*FlowCopy) Descriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *FlowCopy) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *FlowCopy) GetOwned() bool {
+	if x != nil {
+		return x.Owned
+	}
+	return false
+}
+
+func (x *FlowCopy) GetState() *FlowState {
+	if x != nil {
+		return x.State
+	}
+	return nil
+}
+
+type GetFlowResponse struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	Flow             *FlowEntry             `protobuf:"bytes,1,opt,name=flow,proto3" json:"flow,omitempty"`
+	Copies           []*FlowCopy            `protobuf:"bytes,2,rep,name=copies,proto3" json:"copies,omitempty"`
+	UnreachablePeers []string               `protobuf:"bytes,3,rep,name=unreachable_peers,json=unreachablePeers,proto3" json:"unreachable_peers,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *GetFlowResponse) Reset() {
+	*x = GetFlowResponse{}
+	mi := &file_baton_v1_admin_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetFlowResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetFlowResponse) ProtoMessage() {}
+
+func (x *GetFlowResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_admin_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetFlowResponse.ProtoReflect.Descriptor instead.
+func (*GetFlowResponse) Descriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *GetFlowResponse) GetFlow() *FlowEntry {
+	if x != nil {
+		return x.Flow
+	}
+	return nil
+}
+
+func (x *GetFlowResponse) GetCopies() []*FlowCopy {
+	if x != nil {
+		return x.Copies
+	}
+	return nil
+}
+
+func (x *GetFlowResponse) GetUnreachablePeers() []string {
+	if x != nil {
+		return x.UnreachablePeers
+	}
+	return nil
+}
+
+type ListPeersRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPeersRequest) Reset() {
+	*x = ListPeersRequest{}
+	mi := &file_baton_v1_admin_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPeersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPeersRequest) ProtoMessage() {}
+
+func (x *ListPeersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_admin_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPeersRequest.ProtoReflect.Descriptor instead.
+func (*ListPeersRequest) Descriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{15}
+}
+
+type PeerInfo struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	Name             string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Address          string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	Up               bool                   `protobuf:"varint,3,opt,name=up,proto3" json:"up,omitempty"`
+	LastSeenUnixNano int64                  `protobuf:"varint,4,opt,name=last_seen_unix_nano,json=lastSeenUnixNano,proto3" json:"last_seen_unix_nano,omitempty"`
+	// Replication lag to this peer: time from an event on this node to the
+	// peer's acknowledgement (latest batch, and p99 over the last minute).
+	LagNano    int64 `protobuf:"varint,5,opt,name=lag_nano,json=lagNano,proto3" json:"lag_nano,omitempty"`
+	LagP99Nano int64 `protobuf:"varint,6,opt,name=lag_p99_nano,json=lagP99Nano,proto3" json:"lag_p99_nano,omitempty"`
+	// Flows this node replicates to the peer, and replicas it holds from it.
+	FlowsSent      uint32 `protobuf:"varint,7,opt,name=flows_sent,json=flowsSent,proto3" json:"flows_sent,omitempty"`
+	FlowsHeld      uint32 `protobuf:"varint,8,opt,name=flows_held,json=flowsHeld,proto3" json:"flows_held,omitempty"`
+	EventsSent     uint64 `protobuf:"varint,9,opt,name=events_sent,json=eventsSent,proto3" json:"events_sent,omitempty"`
+	BytesSent      uint64 `protobuf:"varint,10,opt,name=bytes_sent,json=bytesSent,proto3" json:"bytes_sent,omitempty"`
+	BytesReceived  uint64 `protobuf:"varint,11,opt,name=bytes_received,json=bytesReceived,proto3" json:"bytes_received,omitempty"`
+	EventsDropped  uint64 `protobuf:"varint,12,opt,name=events_dropped,json=eventsDropped,proto3" json:"events_dropped,omitempty"`
+	EventsRejected uint64 `protobuf:"varint,13,opt,name=events_rejected,json=eventsRejected,proto3" json:"events_rejected,omitempty"`
+	LastError      string `protobuf:"bytes,14,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *PeerInfo) Reset() {
+	*x = PeerInfo{}
+	mi := &file_baton_v1_admin_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerInfo) ProtoMessage() {}
+
+func (x *PeerInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_admin_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerInfo.ProtoReflect.Descriptor instead.
+func (*PeerInfo) Descriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *PeerInfo) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *PeerInfo) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *PeerInfo) GetUp() bool {
+	if x != nil {
+		return x.Up
+	}
+	return false
+}
+
+func (x *PeerInfo) GetLastSeenUnixNano() int64 {
+	if x != nil {
+		return x.LastSeenUnixNano
+	}
+	return 0
+}
+
+func (x *PeerInfo) GetLagNano() int64 {
+	if x != nil {
+		return x.LagNano
+	}
+	return 0
+}
+
+func (x *PeerInfo) GetLagP99Nano() int64 {
+	if x != nil {
+		return x.LagP99Nano
+	}
+	return 0
+}
+
+func (x *PeerInfo) GetFlowsSent() uint32 {
+	if x != nil {
+		return x.FlowsSent
+	}
+	return 0
+}
+
+func (x *PeerInfo) GetFlowsHeld() uint32 {
+	if x != nil {
+		return x.FlowsHeld
+	}
+	return 0
+}
+
+func (x *PeerInfo) GetEventsSent() uint64 {
+	if x != nil {
+		return x.EventsSent
+	}
+	return 0
+}
+
+func (x *PeerInfo) GetBytesSent() uint64 {
+	if x != nil {
+		return x.BytesSent
+	}
+	return 0
+}
+
+func (x *PeerInfo) GetBytesReceived() uint64 {
+	if x != nil {
+		return x.BytesReceived
+	}
+	return 0
+}
+
+func (x *PeerInfo) GetEventsDropped() uint64 {
+	if x != nil {
+		return x.EventsDropped
+	}
+	return 0
+}
+
+func (x *PeerInfo) GetEventsRejected() uint64 {
+	if x != nil {
+		return x.EventsRejected
+	}
+	return 0
+}
+
+func (x *PeerInfo) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+type ListPeersResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Node  string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Peers []*PeerInfo            `protobuf:"bytes,2,rep,name=peers,proto3" json:"peers,omitempty"`
+	// Replicas per flow (k).
+	Replicas      uint32 `protobuf:"varint,3,opt,name=replicas,proto3" json:"replicas,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPeersResponse) Reset() {
+	*x = ListPeersResponse{}
+	mi := &file_baton_v1_admin_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPeersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPeersResponse) ProtoMessage() {}
+
+func (x *ListPeersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_admin_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPeersResponse.ProtoReflect.Descriptor instead.
+func (*ListPeersResponse) Descriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ListPeersResponse) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *ListPeersResponse) GetPeers() []*PeerInfo {
+	if x != nil {
+		return x.Peers
+	}
+	return nil
+}
+
+func (x *ListPeersResponse) GetReplicas() uint32 {
+	if x != nil {
+		return x.Replicas
+	}
+	return 0
+}
+
+type DrainRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainRequest) Reset() {
+	*x = DrainRequest{}
+	mi := &file_baton_v1_admin_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainRequest) ProtoMessage() {}
+
+func (x *DrainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_admin_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
+func (*DrainRequest) Descriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{18}
+}
+
+type DrainResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	State         NodeState              `protobuf:"varint,1,opt,name=state,proto3,enum=baton.v1.NodeState" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainResponse) Reset() {
+	*x = DrainResponse{}
+	mi := &file_baton_v1_admin_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainResponse) ProtoMessage() {}
+
+func (x *DrainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_admin_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
+func (*DrainResponse) Descriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *DrainResponse) GetState() NodeState {
+	if x != nil {
+		return x.State
+	}
+	return NodeState_NODE_STATE_UNSPECIFIED
+}
+
+type UndrainRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UndrainRequest) Reset() {
+	*x = UndrainRequest{}
+	mi := &file_baton_v1_admin_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UndrainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UndrainRequest) ProtoMessage() {}
+
+func (x *UndrainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_admin_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UndrainRequest.ProtoReflect.Descriptor instead.
+func (*UndrainRequest) Descriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{20}
+}
+
+type UndrainResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	State         NodeState              `protobuf:"varint,1,opt,name=state,proto3,enum=baton.v1.NodeState" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UndrainResponse) Reset() {
+	*x = UndrainResponse{}
+	mi := &file_baton_v1_admin_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UndrainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UndrainResponse) ProtoMessage() {}
+
+func (x *UndrainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_admin_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UndrainResponse.ProtoReflect.Descriptor instead.
+func (*UndrainResponse) Descriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *UndrainResponse) GetState() NodeState {
+	if x != nil {
+		return x.State
+	}
+	return NodeState_NODE_STATE_UNSPECIFIED
+}
+
 var File_baton_v1_admin_proto protoreflect.FileDescriptor
 
 const file_baton_v1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x14baton/v1/admin.proto\x12\bbaton.v1\"\x0f\n" +
+	"\x14baton/v1/admin.proto\x12\bbaton.v1\x1a\x13baton/v1/flow.proto\"\x0f\n" +
 	"\rHealthRequest\"\xdd\x01\n" +
 	"\x0eHealthResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12)\n" +
@@ -869,16 +1658,82 @@ const file_baton_v1_admin_proto_rawDesc = "" +
 	"\tHookDrops\x12\x12\n" +
 	"\x04hook\x18\x01 \x01(\tR\x04hook\x12\x18\n" +
 	"\ainbound\x18\x02 \x01(\x04R\ainbound\x12\x1a\n" +
-	"\boutbound\x18\x03 \x01(\x04R\boutbound*\x88\x01\n" +
+	"\boutbound\x18\x03 \x01(\x04R\boutbound\"\xc8\x01\n" +
+	"\x10ListFlowsRequest\x12\x14\n" +
+	"\x05owner\x18\x01 \x01(\tR\x05owner\x12)\n" +
+	"\x05phase\x18\x02 \x01(\x0e2\x13.baton.v1.FlowPhaseR\x05phase\x12\x18\n" +
+	"\aservice\x18\x03 \x01(\tR\aservice\x12\x1d\n" +
+	"\n" +
+	"local_only\x18\x04 \x01(\bR\tlocalOnly\x12\x1b\n" +
+	"\tpage_size\x18\x05 \x01(\rR\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x06 \x01(\tR\tpageToken\"R\n" +
+	"\tFlowEntry\x12)\n" +
+	"\x05state\x18\x01 \x01(\v2\x13.baton.v1.FlowStateR\x05state\x12\x1a\n" +
+	"\breplicas\x18\x02 \x03(\tR\breplicas\"\xa9\x01\n" +
+	"\x11ListFlowsResponse\x12)\n" +
+	"\x05flows\x18\x01 \x03(\v2\x13.baton.v1.FlowEntryR\x05flows\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x14\n" +
+	"\x05total\x18\x03 \x01(\rR\x05total\x12+\n" +
+	"\x11unreachable_peers\x18\x04 \x03(\tR\x10unreachablePeers\"5\n" +
+	"\x0eGetFlowRequest\x12#\n" +
+	"\x03key\x18\x01 \x01(\v2\x11.baton.v1.FlowKeyR\x03key\"_\n" +
+	"\bFlowCopy\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
+	"\x05owned\x18\x02 \x01(\bR\x05owned\x12)\n" +
+	"\x05state\x18\x03 \x01(\v2\x13.baton.v1.FlowStateR\x05state\"\x93\x01\n" +
+	"\x0fGetFlowResponse\x12'\n" +
+	"\x04flow\x18\x01 \x01(\v2\x13.baton.v1.FlowEntryR\x04flow\x12*\n" +
+	"\x06copies\x18\x02 \x03(\v2\x12.baton.v1.FlowCopyR\x06copies\x12+\n" +
+	"\x11unreachable_peers\x18\x03 \x03(\tR\x10unreachablePeers\"\x12\n" +
+	"\x10ListPeersRequest\"\xc8\x03\n" +
+	"\bPeerInfo\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x0e\n" +
+	"\x02up\x18\x03 \x01(\bR\x02up\x12-\n" +
+	"\x13last_seen_unix_nano\x18\x04 \x01(\x03R\x10lastSeenUnixNano\x12\x19\n" +
+	"\blag_nano\x18\x05 \x01(\x03R\alagNano\x12 \n" +
+	"\flag_p99_nano\x18\x06 \x01(\x03R\n" +
+	"lagP99Nano\x12\x1d\n" +
+	"\n" +
+	"flows_sent\x18\a \x01(\rR\tflowsSent\x12\x1d\n" +
+	"\n" +
+	"flows_held\x18\b \x01(\rR\tflowsHeld\x12\x1f\n" +
+	"\vevents_sent\x18\t \x01(\x04R\n" +
+	"eventsSent\x12\x1d\n" +
+	"\n" +
+	"bytes_sent\x18\n" +
+	" \x01(\x04R\tbytesSent\x12%\n" +
+	"\x0ebytes_received\x18\v \x01(\x04R\rbytesReceived\x12%\n" +
+	"\x0eevents_dropped\x18\f \x01(\x04R\reventsDropped\x12'\n" +
+	"\x0fevents_rejected\x18\r \x01(\x04R\x0eeventsRejected\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\x0e \x01(\tR\tlastError\"m\n" +
+	"\x11ListPeersResponse\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12(\n" +
+	"\x05peers\x18\x02 \x03(\v2\x12.baton.v1.PeerInfoR\x05peers\x12\x1a\n" +
+	"\breplicas\x18\x03 \x01(\rR\breplicas\"\x0e\n" +
+	"\fDrainRequest\":\n" +
+	"\rDrainResponse\x12)\n" +
+	"\x05state\x18\x01 \x01(\x0e2\x13.baton.v1.NodeStateR\x05state\"\x10\n" +
+	"\x0eUndrainRequest\"<\n" +
+	"\x0fUndrainResponse\x12)\n" +
+	"\x05state\x18\x01 \x01(\x0e2\x13.baton.v1.NodeStateR\x05state*\xa1\x01\n" +
 	"\tNodeState\x12\x1a\n" +
 	"\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13NODE_STATE_STARTING\x10\x01\x12\x16\n" +
 	"\x12NODE_STATE_SERVING\x10\x02\x12\x17\n" +
 	"\x13NODE_STATE_STOPPING\x10\x03\x12\x15\n" +
-	"\x11NODE_STATE_FAILED\x10\x042~\n" +
+	"\x11NODE_STATE_FAILED\x10\x04\x12\x17\n" +
+	"\x13NODE_STATE_DRAINING\x10\x052\xc4\x03\n" +
 	"\x05Admin\x12;\n" +
 	"\x06Health\x12\x17.baton.v1.HealthRequest\x1a\x18.baton.v1.HealthResponse\x128\n" +
-	"\x05Stats\x12\x16.baton.v1.StatsRequest\x1a\x17.baton.v1.StatsResponseB7Z5github.com/baton-anycast/baton/proto/baton/v1;batonv1b\x06proto3"
+	"\x05Stats\x12\x16.baton.v1.StatsRequest\x1a\x17.baton.v1.StatsResponse\x12D\n" +
+	"\tListFlows\x12\x1a.baton.v1.ListFlowsRequest\x1a\x1b.baton.v1.ListFlowsResponse\x12>\n" +
+	"\aGetFlow\x12\x18.baton.v1.GetFlowRequest\x1a\x19.baton.v1.GetFlowResponse\x12D\n" +
+	"\tListPeers\x12\x1a.baton.v1.ListPeersRequest\x1a\x1b.baton.v1.ListPeersResponse\x128\n" +
+	"\x05Drain\x12\x16.baton.v1.DrainRequest\x1a\x17.baton.v1.DrainResponse\x12>\n" +
+	"\aUndrain\x12\x18.baton.v1.UndrainRequest\x1a\x19.baton.v1.UndrainResponseB7Z5github.com/baton-anycast/baton/proto/baton/v1;batonv1b\x06proto3"
 
 var (
 	file_baton_v1_admin_proto_rawDescOnce sync.Once
@@ -893,35 +1748,71 @@ func file_baton_v1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_baton_v1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_baton_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_baton_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_baton_v1_admin_proto_goTypes = []any{
-	(NodeState)(0),         // 0: baton.v1.NodeState
-	(*HealthRequest)(nil),  // 1: baton.v1.HealthRequest
-	(*HealthResponse)(nil), // 2: baton.v1.HealthResponse
-	(*StatsRequest)(nil),   // 3: baton.v1.StatsRequest
-	(*StatsResponse)(nil),  // 4: baton.v1.StatsResponse
-	(*DeviceStats)(nil),    // 5: baton.v1.DeviceStats
-	(*LinkStats)(nil),      // 6: baton.v1.LinkStats
-	(*ServiceStats)(nil),   // 7: baton.v1.ServiceStats
-	(*RefusedStats)(nil),   // 8: baton.v1.RefusedStats
-	(*HookDrops)(nil),      // 9: baton.v1.HookDrops
+	(NodeState)(0),            // 0: baton.v1.NodeState
+	(*HealthRequest)(nil),     // 1: baton.v1.HealthRequest
+	(*HealthResponse)(nil),    // 2: baton.v1.HealthResponse
+	(*StatsRequest)(nil),      // 3: baton.v1.StatsRequest
+	(*StatsResponse)(nil),     // 4: baton.v1.StatsResponse
+	(*DeviceStats)(nil),       // 5: baton.v1.DeviceStats
+	(*LinkStats)(nil),         // 6: baton.v1.LinkStats
+	(*ServiceStats)(nil),      // 7: baton.v1.ServiceStats
+	(*RefusedStats)(nil),      // 8: baton.v1.RefusedStats
+	(*HookDrops)(nil),         // 9: baton.v1.HookDrops
+	(*ListFlowsRequest)(nil),  // 10: baton.v1.ListFlowsRequest
+	(*FlowEntry)(nil),         // 11: baton.v1.FlowEntry
+	(*ListFlowsResponse)(nil), // 12: baton.v1.ListFlowsResponse
+	(*GetFlowRequest)(nil),    // 13: baton.v1.GetFlowRequest
+	(*FlowCopy)(nil),          // 14: baton.v1.FlowCopy
+	(*GetFlowResponse)(nil),   // 15: baton.v1.GetFlowResponse
+	(*ListPeersRequest)(nil),  // 16: baton.v1.ListPeersRequest
+	(*PeerInfo)(nil),          // 17: baton.v1.PeerInfo
+	(*ListPeersResponse)(nil), // 18: baton.v1.ListPeersResponse
+	(*DrainRequest)(nil),      // 19: baton.v1.DrainRequest
+	(*DrainResponse)(nil),     // 20: baton.v1.DrainResponse
+	(*UndrainRequest)(nil),    // 21: baton.v1.UndrainRequest
+	(*UndrainResponse)(nil),   // 22: baton.v1.UndrainResponse
+	(FlowPhase)(0),            // 23: baton.v1.FlowPhase
+	(*FlowState)(nil),         // 24: baton.v1.FlowState
+	(*FlowKey)(nil),           // 25: baton.v1.FlowKey
 }
 var file_baton_v1_admin_proto_depIdxs = []int32{
-	0, // 0: baton.v1.HealthResponse.state:type_name -> baton.v1.NodeState
-	5, // 1: baton.v1.StatsResponse.device:type_name -> baton.v1.DeviceStats
-	6, // 2: baton.v1.StatsResponse.link:type_name -> baton.v1.LinkStats
-	7, // 3: baton.v1.StatsResponse.services:type_name -> baton.v1.ServiceStats
-	8, // 4: baton.v1.StatsResponse.refused:type_name -> baton.v1.RefusedStats
-	9, // 5: baton.v1.StatsResponse.hook_drops:type_name -> baton.v1.HookDrops
-	1, // 6: baton.v1.Admin.Health:input_type -> baton.v1.HealthRequest
-	3, // 7: baton.v1.Admin.Stats:input_type -> baton.v1.StatsRequest
-	2, // 8: baton.v1.Admin.Health:output_type -> baton.v1.HealthResponse
-	4, // 9: baton.v1.Admin.Stats:output_type -> baton.v1.StatsResponse
-	8, // [8:10] is the sub-list for method output_type
-	6, // [6:8] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	0,  // 0: baton.v1.HealthResponse.state:type_name -> baton.v1.NodeState
+	5,  // 1: baton.v1.StatsResponse.device:type_name -> baton.v1.DeviceStats
+	6,  // 2: baton.v1.StatsResponse.link:type_name -> baton.v1.LinkStats
+	7,  // 3: baton.v1.StatsResponse.services:type_name -> baton.v1.ServiceStats
+	8,  // 4: baton.v1.StatsResponse.refused:type_name -> baton.v1.RefusedStats
+	9,  // 5: baton.v1.StatsResponse.hook_drops:type_name -> baton.v1.HookDrops
+	23, // 6: baton.v1.ListFlowsRequest.phase:type_name -> baton.v1.FlowPhase
+	24, // 7: baton.v1.FlowEntry.state:type_name -> baton.v1.FlowState
+	11, // 8: baton.v1.ListFlowsResponse.flows:type_name -> baton.v1.FlowEntry
+	25, // 9: baton.v1.GetFlowRequest.key:type_name -> baton.v1.FlowKey
+	24, // 10: baton.v1.FlowCopy.state:type_name -> baton.v1.FlowState
+	11, // 11: baton.v1.GetFlowResponse.flow:type_name -> baton.v1.FlowEntry
+	14, // 12: baton.v1.GetFlowResponse.copies:type_name -> baton.v1.FlowCopy
+	17, // 13: baton.v1.ListPeersResponse.peers:type_name -> baton.v1.PeerInfo
+	0,  // 14: baton.v1.DrainResponse.state:type_name -> baton.v1.NodeState
+	0,  // 15: baton.v1.UndrainResponse.state:type_name -> baton.v1.NodeState
+	1,  // 16: baton.v1.Admin.Health:input_type -> baton.v1.HealthRequest
+	3,  // 17: baton.v1.Admin.Stats:input_type -> baton.v1.StatsRequest
+	10, // 18: baton.v1.Admin.ListFlows:input_type -> baton.v1.ListFlowsRequest
+	13, // 19: baton.v1.Admin.GetFlow:input_type -> baton.v1.GetFlowRequest
+	16, // 20: baton.v1.Admin.ListPeers:input_type -> baton.v1.ListPeersRequest
+	19, // 21: baton.v1.Admin.Drain:input_type -> baton.v1.DrainRequest
+	21, // 22: baton.v1.Admin.Undrain:input_type -> baton.v1.UndrainRequest
+	2,  // 23: baton.v1.Admin.Health:output_type -> baton.v1.HealthResponse
+	4,  // 24: baton.v1.Admin.Stats:output_type -> baton.v1.StatsResponse
+	12, // 25: baton.v1.Admin.ListFlows:output_type -> baton.v1.ListFlowsResponse
+	15, // 26: baton.v1.Admin.GetFlow:output_type -> baton.v1.GetFlowResponse
+	18, // 27: baton.v1.Admin.ListPeers:output_type -> baton.v1.ListPeersResponse
+	20, // 28: baton.v1.Admin.Drain:output_type -> baton.v1.DrainResponse
+	22, // 29: baton.v1.Admin.Undrain:output_type -> baton.v1.UndrainResponse
+	23, // [23:30] is the sub-list for method output_type
+	16, // [16:23] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_baton_v1_admin_proto_init() }
@@ -929,13 +1820,14 @@ func file_baton_v1_admin_proto_init() {
 	if File_baton_v1_admin_proto != nil {
 		return
 	}
+	file_baton_v1_flow_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_baton_v1_admin_proto_rawDesc), len(file_baton_v1_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   9,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
