@@ -5,6 +5,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/baton-anycast/baton/handoff"
 	batonv1 "github.com/baton-anycast/baton/proto/baton/v1"
 )
 
@@ -121,4 +123,209 @@ func bytesStr(n uint64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+func cmdFlows(ctx context.Context, c batonv1.AdminClient, args []string) (proto.Message, func(io.Writer, proto.Message), error) {
+	fs := flag.NewFlagSet("flows", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	owner := fs.String("owner", "", "only flows owned by this node")
+	service := fs.String("service", "", "only flows of this service")
+	phase := fs.String("phase", "", "only flows in this phase: handshake, established, closing")
+	local := fs.Bool("local", false, "only this node's table (owned flows and replicas it holds)")
+	limit := fs.Int("limit", 0, "stop after this many flows (0: all)")
+	if err := fs.Parse(args); err != nil {
+		return nil, nil, fmt.Errorf("flows: %v", err)
+	}
+	if fs.NArg() > 0 {
+		return nil, nil, fmt.Errorf("flows: unexpected argument %q", fs.Arg(0))
+	}
+	req := &batonv1.ListFlowsRequest{Owner: *owner, Service: *service, LocalOnly: *local, PageSize: 1000}
+	if *phase != "" {
+		v, ok := batonv1.FlowPhase_value["FLOW_PHASE_"+strings.ToUpper(*phase)]
+		if !ok || v == 0 {
+			return nil, nil, fmt.Errorf("flows: -phase: %q is not handshake, established, closing or closed", *phase)
+		}
+		req.Phase = batonv1.FlowPhase(v)
+	}
+	if *limit < 0 {
+		return nil, nil, fmt.Errorf("flows: -limit: %d is negative", *limit)
+	}
+	all := &batonv1.ListFlowsResponse{}
+	for {
+		resp, err := c.ListFlows(ctx, req)
+		if err != nil {
+			return nil, nil, err
+		}
+		all.Flows = append(all.Flows, resp.Flows...)
+		all.Total = resp.Total
+		all.UnreachablePeers = resp.UnreachablePeers
+		if resp.NextPageToken == "" || (*limit > 0 && len(all.Flows) >= *limit) {
+			break
+		}
+		req.PageToken = resp.NextPageToken
+	}
+	if *limit > 0 && len(all.Flows) > *limit {
+		all.Flows = all.Flows[:*limit]
+	}
+	return all, printFlows, nil
+}
+
+func printFlows(w io.Writer, m proto.Message) {
+	r := m.(*batonv1.ListFlowsResponse)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "FLOW\tSERVICE\tPHASE\tOWNER\tEPOCH\tREPLICAS\tSENT\tACKED\tAGE\n")
+	for _, f := range r.Flows {
+		s := f.State
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n",
+			flowKeyString(s.Key), s.Service, phaseName(s.Phase), s.Owner, s.Epoch,
+			strings.Join(f.Replicas, ","), bytesStr(uint64(s.ServerNextSeq-s.ServerIsn-1)),
+			bytesStr(uint64(s.ClientAck-s.ServerIsn-1)), age(s.OpenedUnixNano))
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "%d flows", r.Total)
+	if len(r.Flows) < int(r.Total) {
+		fmt.Fprintf(w, " (%d shown)", len(r.Flows))
+	}
+	fmt.Fprintln(w)
+	if len(r.UnreachablePeers) > 0 {
+		fmt.Fprintf(w, "warning: flows owned by unreachable peers are missing: %s\n", strings.Join(r.UnreachablePeers, ", "))
+	}
+}
+
+func cmdFlow(ctx context.Context, c batonv1.AdminClient, args []string) (proto.Message, func(io.Writer, proto.Message), error) {
+	if len(args) != 1 {
+		return nil, nil, errors.New("flow: want one flow key, e.g. 198.51.100.2:40000->192.0.2.1:80")
+	}
+	k, err := handoff.ParseFlowKey(args[0])
+	if err != nil {
+		return nil, nil, err
+	}
+	resp, err := c.GetFlow(ctx, &batonv1.GetFlowRequest{Key: k.Proto()})
+	if err != nil {
+		return nil, nil, err
+	}
+	return resp, printFlow, nil
+}
+
+func printFlow(w io.Writer, m proto.Message) {
+	r := m.(*batonv1.GetFlowResponse)
+	s := r.Flow.GetState()
+	if s == nil {
+		fmt.Fprintln(w, "flow not found")
+		return
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "flow\t%s\n", flowKeyString(s.Key))
+	fmt.Fprintf(tw, "service\t%s\n", s.Service)
+	fmt.Fprintf(tw, "phase\t%s\n", phaseName(s.Phase))
+	fmt.Fprintf(tw, "owner\t%s (epoch %d)\n", s.Owner, s.Epoch)
+	fmt.Fprintf(tw, "replicas\t%s\n", strings.Join(r.Flow.Replicas, ", "))
+	fmt.Fprintf(tw, "opened\t%s (%s ago)\n", time.Unix(0, s.OpenedUnixNano).UTC().Format(time.RFC3339Nano), age(s.OpenedUnixNano))
+	fmt.Fprintf(tw, "client ISN / server ISN\t%d / %d\n", s.ClientIsn, s.ServerIsn)
+	if o := s.ClientSyn; o != nil {
+		fmt.Fprintf(tw, "client SYN\tmss %d, wscale %d, sack %v, timestamps %v\n", o.Mss, o.WindowScale, o.SackPermitted, o.Timestamps)
+	}
+	fmt.Fprintf(tw, "window scale client/server\t%d / %d\n", s.ClientWindowScale, s.ServerWindowScale)
+	fmt.Fprintf(tw, "sack / timestamps\t%v / %v (tsval client %d, server %d)\n", s.Sack, s.Timestamps, s.ClientTsval, s.ServerTsval)
+	fmt.Fprintf(tw, "server sent / client acked\t%d / %d bytes\n", uint32(s.ServerNextSeq-s.ServerIsn-1), uint32(s.ClientAck-s.ServerIsn-1))
+	fmt.Fprintf(tw, "server acked (client bytes)\t%d\n", uint32(s.ServerAck-s.ClientIsn-1))
+	fmt.Fprintf(tw, "FIN client / server\t%v / %v\n", s.ClientFin, s.ServerFin)
+	fmt.Fprintf(tw, "checkpoint\t%d bytes at seq %d\n", len(s.Checkpoint), s.CheckpointSeq)
+	tw.Flush()
+	if len(r.Copies) > 0 {
+		fmt.Fprintln(w)
+		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintf(tw, "NODE\tROLE\tEPOCH\tPHASE\tSENT\tUPDATED\n")
+		for _, cp := range r.Copies {
+			role := "replica"
+			if cp.Owned {
+				role = "owner"
+			}
+			st := cp.State
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%d\t%s ago\n", cp.Node, role, st.Epoch, phaseName(st.Phase),
+				uint32(st.ServerNextSeq-st.ServerIsn-1), age(st.UpdatedUnixNano))
+		}
+		tw.Flush()
+	}
+	if len(r.UnreachablePeers) > 0 {
+		fmt.Fprintf(w, "warning: could not ask %s\n", strings.Join(r.UnreachablePeers, ", "))
+	}
+}
+
+func cmdPeers(ctx context.Context, c batonv1.AdminClient, args []string) (proto.Message, func(io.Writer, proto.Message), error) {
+	if err := noArgs(args); err != nil {
+		return nil, nil, err
+	}
+	resp, err := c.ListPeers(ctx, &batonv1.ListPeersRequest{})
+	if err != nil {
+		return nil, nil, err
+	}
+	return resp, printPeers, nil
+}
+
+func printPeers(w io.Writer, m proto.Message) {
+	r := m.(*batonv1.ListPeersResponse)
+	fmt.Fprintf(w, "node %s, %d replicas per flow\n\n", r.Node, r.Replicas)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "PEER\tADDRESS\tSTATE\tLAST SEEN\tLAG\tLAG P99\tFLOWS SENT\tFLOWS HELD\tEVENTS\tSENT\tRECEIVED\tDROPPED\tREJECTED\tLAST ERROR\n")
+	for _, p := range r.Peers {
+		state := "down"
+		if p.Up {
+			state = "up"
+		}
+		seen := "never"
+		if p.LastSeenUnixNano != 0 {
+			seen = age(p.LastSeenUnixNano) + " ago"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%d\t%d\t%s\n", p.Name, p.Address, state, seen,
+			time.Duration(p.LagNano).Round(time.Microsecond), time.Duration(p.LagP99Nano).Round(time.Microsecond),
+			p.FlowsSent, p.FlowsHeld, p.EventsSent, bytesStr(p.BytesSent), bytesStr(p.BytesReceived),
+			p.EventsDropped, p.EventsRejected, p.LastError)
+	}
+	tw.Flush()
+}
+
+func cmdDrain(ctx context.Context, c batonv1.AdminClient, args []string) (proto.Message, func(io.Writer, proto.Message), error) {
+	if err := noArgs(args); err != nil {
+		return nil, nil, err
+	}
+	resp, err := c.Drain(ctx, &batonv1.DrainRequest{})
+	if err != nil {
+		return nil, nil, err
+	}
+	return resp, func(w io.Writer, m proto.Message) {
+		fmt.Fprintf(w, "node is %s\n", stateName(m.(*batonv1.DrainResponse).State))
+	}, nil
+}
+
+func cmdUndrain(ctx context.Context, c batonv1.AdminClient, args []string) (proto.Message, func(io.Writer, proto.Message), error) {
+	if err := noArgs(args); err != nil {
+		return nil, nil, err
+	}
+	resp, err := c.Undrain(ctx, &batonv1.UndrainRequest{})
+	if err != nil {
+		return nil, nil, err
+	}
+	return resp, func(w io.Writer, m proto.Message) {
+		fmt.Fprintf(w, "node is %s\n", stateName(m.(*batonv1.UndrainResponse).State))
+	}, nil
+}
+
+func flowKeyString(k *batonv1.FlowKey) string {
+	key, err := handoff.KeyFromProto(k)
+	if err != nil {
+		return "invalid key"
+	}
+	return key.String()
+}
+
+func phaseName(p batonv1.FlowPhase) string {
+	return strings.ToLower(strings.TrimPrefix(p.String(), "FLOW_PHASE_"))
+}
+
+func age(unixNano int64) string {
+	if unixNano == 0 {
+		return "-"
+	}
+	return time.Since(time.Unix(0, unixNano)).Round(time.Second).String()
 }

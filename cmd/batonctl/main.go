@@ -6,7 +6,7 @@
 //
 //	batonctl [-admin unix:/run/baton/NODE.sock | -node NODE] [-o table|json] COMMAND
 //
-// Commands: health, stats.
+// Commands: flows, flow, peers, stats, health, drain, undrain.
 package main
 
 import (
@@ -39,8 +39,13 @@ type command struct {
 }
 
 var commands = []command{
-	{"health", "node state, problems, version", cmdHealth},
+	{"flows", "flows in the cluster with owner and replicas [-owner N] [-service S] [-phase P] [-local] [-limit N]", cmdFlows},
+	{"flow", "one flow and every copy of its state: flow CLIENT:PORT->ANYCAST:PORT", cmdFlow},
+	{"peers", "replication links: liveness, lag, flows and bytes", cmdPeers},
 	{"stats", "device, link, service and refusal counters", cmdStats},
+	{"health", "node state, problems, version", cmdHealth},
+	{"drain", "stop attracting new flows (node reports NOT_SERVING)", cmdDrain},
+	{"undrain", "serve again after drain", cmdUndrain},
 }
 
 func usage(w io.Writer, fs *flag.FlagSet) {
