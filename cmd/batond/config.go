@@ -14,6 +14,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"gopkg.in/yaml.v3"
 
@@ -30,6 +31,8 @@ type Config struct {
 	Metrics string          `yaml:"metrics"`
 	Pprof   bool            `yaml:"pprof"`
 	Log     LogConfig       `yaml:"log"`
+	Cluster ClusterConfig   `yaml:"cluster"`
+	Flows   FlowsConfig     `yaml:"flows"`
 
 	prefixes []netip.Prefix // parsed Anycast, filled by Validate
 }
@@ -72,6 +75,8 @@ func defaultConfig() Config {
 		Admin:   "", // set from the node name in Validate
 		Metrics: "127.0.0.1:9470",
 		Log:     LogConfig{Level: "info", Format: "text"},
+		Cluster: ClusterConfig{Replicas: 2},
+		Flows:   FlowsConfig{Max: 65536, IdleTimeout: 5 * time.Minute},
 	}
 }
 
@@ -98,6 +103,7 @@ func loadConfig(args []string, stderr io.Writer) (*Config, error) {
 		pprof      = fs.Bool("pprof", false, "serve /debug/pprof on the metrics address")
 		logLevel   = fs.String("log-level", cfg.Log.Level, "log level: debug, info, warn, error")
 		logFormat  = fs.String("log-format", cfg.Log.Format, "log format: text or json")
+		cf         = registerClusterFlags(fs, &cfg)
 	)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -148,6 +154,10 @@ func loadConfig(args []string, stderr io.Writer) (*Config, error) {
 			cfg.Log.Level = *logLevel
 		case "log-format":
 			cfg.Log.Format = *logFormat
+		default:
+			if err := cf.apply(f.Name, &cfg); err != nil && ferr == nil {
+				ferr = err
+			}
 		}
 	})
 	if ferr != nil {
@@ -262,6 +272,12 @@ func (c *Config) Validate() error {
 		}
 	} else if c.Pprof {
 		return errors.New("pprof: needs a metrics address to serve on")
+	}
+	if err := c.Cluster.validate(c.Node, c.Admin); err != nil {
+		return err
+	}
+	if err := c.Flows.validate(); err != nil {
+		return err
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
