@@ -37,6 +37,9 @@ func (l *Lab) BatondArgs(bin string, i int, extra ...string) []string {
 		"-admin", "unix:" + l.AdminSocket(i),
 		"-metrics", "127.0.0.1:9470",
 	}
+	if l.cluster != nil {
+		args = append(args, l.clusterArgs(i)...)
+	}
 	return append(args, extra...)
 }
 

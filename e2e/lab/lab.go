@@ -82,6 +82,8 @@ type Lab struct {
 	model6    *flowKeysModel // IPv6 hash model, chosen by calibrate6
 	model6Err error          // why model6 is nil
 
+	cluster *Cluster // set by EnableCluster
+
 	mu        sync.Mutex
 	closed    bool
 	procs     []*Proc
