@@ -2,11 +2,15 @@ package stack
 
 // This file hands new TCP connections and UDP sessions to services.
 //
-// TCP goes through gVisor's tcp.Forwarder rather than one listener per port:
-// the forwarder sees every SYN to every anycast address, hands us the
-// 4-tuple before the handshake completes, and lets the handoff layer later
-// recognise a synthetic SYN of a connection it is restoring. A port without
-// a service gets a RST, as from a kernel with no listener.
+// TCP goes through one gVisor listener per service port and family, bound
+// to the wildcard address (with the NIC in promiscuous mode that covers
+// every anycast address). A listener rather than gVisor's tcp.Forwarder
+// because gVisor only lets a SYN reuse the 4-tuple of a connection in
+// TIME-WAIT when a listener exists: with the forwarder alone such a SYN is
+// dropped for the whole TIME-WAIT (60 s), where Linux accepts it (measured
+// by batonlab bench: clients reusing source ports stalled). The forwarder is
+// still installed, for SYNs to ports without a listener: it counts them and
+// answers RST, as a kernel with no listener does.
 //
 // UDP goes through udp.Forwarder: it creates a connected endpoint per
 // (client address, client port, anycast address, port), so a reply leaves
@@ -15,13 +19,17 @@ package stack
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
@@ -165,29 +173,69 @@ func (st *Stack) untrack(tc *trackedConn) {
 	st.wg.Done()
 }
 
-// acceptTCP is the tcp.Forwarder handler. It runs on its own goroutine per
-// SYN (the forwarder starts it) and must call req.Complete exactly once.
-func (st *Stack) acceptTCP(req *tcp.ForwarderRequest) {
-	id := req.ID()
-	st.mu.Lock()
-	svc, closed := st.tcpSvc[id.LocalPort], st.closed
-	st.mu.Unlock()
-	if svc == nil || closed {
-		st.stats.tcpNoService.Add(1)
-		req.Complete(true)
-		return
+// refuseTCP is the tcp.Forwarder handler: it only sees SYNs that no
+// listener took, i.e. to ports without a service. It runs on its own
+// goroutine per SYN and must call req.Complete exactly once.
+func (st *Stack) refuseTCP(req *tcp.ForwarderRequest) {
+	st.stats.tcpNoService.Add(1)
+	req.Complete(true)
+}
+
+// ListenBacklog is each listener's accept queue. Linux's default somaxconn
+// is 4096; a full queue makes gVisor answer SYNs with cookies.
+const ListenBacklog = 4096
+
+// listenTCP opens the IPv4 and IPv6 listeners for port and starts their
+// accept loops. Called with st.mu held.
+func (st *Stack) listenTCP(port uint16, svc services.TCPService) error {
+	for _, proto := range []tcpip.NetworkProtocolNumber{ipv4.ProtocolNumber, ipv6.ProtocolNumber} {
+		var wq waiter.Queue
+		ep, terr := st.s.NewEndpoint(tcp.ProtocolNumber, proto, &wq)
+		if terr != nil {
+			return fmt.Errorf("stack: tcp port %d: endpoint: %s", port, terr)
+		}
+		if proto == ipv6.ProtocolNumber {
+			ep.SocketOptions().SetV6Only(true)
+		}
+		ep.SocketOptions().SetReuseAddress(true)
+		if terr := ep.Bind(tcpip.FullAddress{Port: port}); terr != nil {
+			ep.Close()
+			return fmt.Errorf("stack: tcp port %d: bind: %s", port, terr)
+		}
+		if terr := ep.Listen(ListenBacklog); terr != nil {
+			ep.Close()
+			return fmt.Errorf("stack: tcp port %d: listen: %s", port, terr)
+		}
+		l := gonet.NewTCPListener(st.s, &wq, ep)
+		st.listeners = append(st.listeners, l)
+		st.wg.Add(1)
+		go st.acceptLoop(l, svc)
 	}
-	var wq waiter.Queue
-	ep, err := req.CreateEndpoint(&wq)
-	if err != nil {
-		st.stats.tcpHandshakeFail.Add(1)
-		req.Complete(true)
-		return
+	return nil
+}
+
+// acceptLoop hands every connection l accepts to svc, until l is closed.
+func (st *Stack) acceptLoop(l *gonet.TCPListener, svc services.TCPService) {
+	defer st.wg.Done()
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		conn := c.(*gonet.TCPConn)
+		// The addresses are read now: after a reset RemoteAddr is nil.
+		ra, _ := conn.RemoteAddr().(*net.TCPAddr)
+		la, _ := conn.LocalAddr().(*net.TCPAddr)
+		if ra == nil || la == nil {
+			st.stats.tcpHandshakeFail.Add(1)
+			conn.Close()
+			continue
+		}
+		client, anycast := ra.AddrPort(), la.AddrPort()
+		client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
+		anycast = netip.AddrPortFrom(anycast.Addr().Unmap(), anycast.Port())
+		go st.serveConn(svc, client, anycast, conn)
 	}
-	req.Complete(false)
-	client := netip.AddrPortFrom(addrFromTCPIP(id.RemoteAddress.AsSlice()), id.RemotePort)
-	anycast := netip.AddrPortFrom(addrFromTCPIP(id.LocalAddress.AsSlice()), id.LocalPort)
-	st.serveConn(svc, client, anycast, gonet.NewTCPConn(&wq, ep))
 }
 
 // serveConn runs svc on conn until it returns, then closes conn.
@@ -222,7 +270,7 @@ func (st *Stack) serveConn(svc interface {
 	}
 	if err := svc.ServeConn(ctx, cc); err != nil && ctx.Err() == nil {
 		st.log.Debug("connection ended with error", "service", svc.Name(),
-			"client", conn.RemoteAddr().String(), "err", err)
+			"client", client, "err", err)
 	}
 	_ = conn.Close()
 }

@@ -11,7 +11,7 @@
 //	  -> hook chain: AnycastFilter, then the handoff hooks (observe, rewrite,
 //	     consume; see hook.go)
 //	  -> gVisor DeliverNetworkPacket: IPv4/IPv6 -> TCP/UDP/ICMP
-//	  -> new TCP flows: tcp.Forwarder -> Stack.acceptTCP -> service.ServeConn
+//	  -> new TCP flows: listener per service port -> Stack.acceptLoop -> service.ServeConn
 //	     UDP datagrams: udp.Forwarder -> Stack.serveUDP -> service.HandleDatagram
 //
 // and back (service -> client): gonet.TCPConn.Write -> gVisor TCP ->
@@ -32,6 +32,7 @@ import (
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
@@ -60,8 +61,9 @@ const (
 	// ReceiveBufferMin/Default/Max mirror Linux's tcp_rmem bounds (4 KiB,
 	// with a 1 MiB starting point, up to 6 MiB). Receive-buffer moderation
 	// (auto-tuning, like Linux) grows a connection's buffer within these
-	// bounds. The 1 MiB default also fixes the window scale the node offers
-	// (scale 5), identical on every node.
+	// bounds. With moderation on, gVisor derives the window scale it offers
+	// from the maximum (6 MiB: scale 7, measured), so every node with these
+	// settings offers the same scale.
 	ReceiveBufferMin     = 4 << 10
 	ReceiveBufferDefault = 1 << 20
 	ReceiveBufferMax     = 6 << 20
@@ -85,11 +87,9 @@ const (
 	// write whole responses in large chunks, and echo wants low latency.
 	Nagle = false
 
-	// MaxInFlightHandshakes bounds the handshakes the TCP forwarder runs at
-	// once (one goroutine each). Linux's default somaxconn is 4096 for a
-	// whole listener's queue; 1024 concurrent handshakes keeps a SYN flood
-	// from spawning unbounded goroutines while far exceeding what a healthy
-	// node sees (handshakes complete in one RTT).
+	// MaxInFlightHandshakes bounds the SYNs to ports without a service
+	// that the TCP forwarder answers at once (one goroutine each, each
+	// sending a RST), so a scan cannot spawn unbounded goroutines.
 	MaxInFlightHandshakes = 1024
 
 	// TimeWait is how long a closed connection lingers in TIME-WAIT: 60 s,
@@ -129,6 +129,7 @@ type Stack struct {
 	closed bool
 	wg     sync.WaitGroup
 
+	listeners   []*gonet.TCPListener
 	udpSlots    chan struct{}
 	stats       serveStats
 	checkpoints CheckpointSink
@@ -207,7 +208,7 @@ func New(dev tun.Device, cfg Config) (*Stack, error) {
 		{Destination: header.IPv4EmptySubnet, NIC: nicID},
 		{Destination: header.IPv6EmptySubnet, NIC: nicID},
 	})
-	fwd := tcp.NewForwarder(st.s, ReceiveBufferDefault, MaxInFlightHandshakes, st.acceptTCP)
+	fwd := tcp.NewForwarder(st.s, ReceiveBufferDefault, MaxInFlightHandshakes, st.refuseTCP)
 	st.s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
 	ufwd := udp.NewForwarder(st.s, st.acceptUDP)
 	st.s.SetTransportProtocolHandler(udp.ProtocolNumber, ufwd.HandlePacket)
@@ -290,6 +291,12 @@ func (st *Stack) ServeTCP(port uint16, svc services.TCPService) error {
 	if old, ok := st.tcpSvc[port]; ok {
 		return fmt.Errorf("stack: tcp port %d: both %s and %s", port, old.Name(), svc.Name())
 	}
+	if st.closed {
+		return fmt.Errorf("stack: closed")
+	}
+	if err := st.listenTCP(port, svc); err != nil {
+		return err
+	}
 	st.tcpSvc[port] = svc
 	return nil
 }
@@ -321,6 +328,9 @@ func (st *Stack) Close() {
 		return
 	}
 	st.closed = true
+	for _, l := range st.listeners {
+		l.Close()
+	}
 	conns := make([]*trackedConn, 0, len(st.conns))
 	for c := range st.conns {
 		conns = append(conns, c)

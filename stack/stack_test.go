@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"strings"
 	"sync/atomic"
@@ -408,5 +409,34 @@ func TestCloseStopsEverything(t *testing.T) {
 	}
 	if _, err := n.dev.Read(0, make([]byte, 1500)); !errors.Is(err, tun.ErrClosed) {
 		t.Fatalf("device read after Close: %v, want ErrClosed", err)
+	}
+}
+
+// TestReuseTimeWaitPort reconnects from the same client port while the
+// server still holds the previous connection in TIME-WAIT (the stream
+// service closes first). Linux accepts such a SYN; so must Baton.
+func TestReuseTimeWaitPort(t *testing.T) {
+	c, _ := newLab(t)
+	ctx := ctxT(t)
+	for i := range 3 {
+		var conn net.Conn
+		var err error
+		// The client's own previous endpoint may still hold the port for
+		// a moment (LAST-ACK); wait for it, boundedly.
+		for try := 0; try < 100; try++ {
+			conn, err = c.DialTCPFrom(ctx, 41000, netip.AddrPortFrom(stacktest.Anycast4, 9000))
+			if err == nil || !strings.Contains(err.Error(), "bad local address") {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		if err != nil {
+			t.Fatalf("connection %d from the same port: %v", i, err)
+		}
+		io.WriteString(conn, services.StreamRequest(1000, uint64(i)))
+		if n, ok, err := services.ReadStream(conn, 1000, uint64(i)); !ok {
+			t.Fatalf("connection %d: %d bytes, %v", i, n, err)
+		}
+		conn.Close()
 	}
 }

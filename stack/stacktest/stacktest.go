@@ -25,6 +25,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/baton-anycast/baton/tun"
 )
@@ -84,6 +85,42 @@ func (c *Client) DialTCP(ctx context.Context, dst netip.AddrPort) (net.Conn, err
 	return gonet.DialContextTCP(ctx, c.Stack, tcpip.FullAddress{
 		Addr: tcpip.AddrFromSlice(dst.Addr().AsSlice()), Port: dst.Port(),
 	}, proto)
+}
+
+// DialTCPFrom opens a TCP connection from a fixed client port.
+func (c *Client) DialTCPFrom(ctx context.Context, port uint16, dst netip.AddrPort) (net.Conn, error) {
+	proto, src := ipv4.ProtocolNumber, ClientAddr4
+	if dst.Addr().Is6() {
+		proto, src = ipv6.ProtocolNumber, ClientAddr6
+	}
+	var wq waiter.Queue
+	ep, err := c.Stack.NewEndpoint(tcp.ProtocolNumber, proto, &wq)
+	if err != nil {
+		return nil, fmt.Errorf("endpoint: %s", err)
+	}
+	ep.SocketOptions().SetReuseAddress(true)
+	if err := ep.Bind(tcpip.FullAddress{Addr: tcpip.AddrFromSlice(src.AsSlice()), Port: port}); err != nil {
+		ep.Close()
+		return nil, fmt.Errorf("bind port %d: %s", port, err)
+	}
+	entry, notify := waiter.NewChannelEntry(waiter.WritableEvents)
+	wq.EventRegister(&entry)
+	defer wq.EventUnregister(&entry)
+	err = ep.Connect(tcpip.FullAddress{Addr: tcpip.AddrFromSlice(dst.Addr().AsSlice()), Port: dst.Port()})
+	if _, ok := err.(*tcpip.ErrConnectStarted); ok {
+		select {
+		case <-ctx.Done():
+			ep.Close()
+			return nil, ctx.Err()
+		case <-notify:
+		}
+		err = ep.LastError()
+	}
+	if err != nil {
+		ep.Close()
+		return nil, fmt.Errorf("connect: %s", err)
+	}
+	return gonet.NewTCPConn(&wq, ep), nil
 }
 
 // DialUDP opens a connected UDP socket from the client to dst.

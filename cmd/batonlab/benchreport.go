@@ -1,0 +1,259 @@
+package main
+
+// This file reports `batonlab bench`: machine facts, the results table, the
+// JSON file and the profile's top functions.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"debug/buildinfo"
+	"encoding/json"
+	"fmt"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Machine describes where the figures were taken.
+type Machine struct {
+	CPU      string `json:"cpu"`
+	Cores    int    `json:"cores"`
+	Kernel   string `json:"kernel"`
+	Go       string `json:"go"` // batonlab's, which also runs the kernel-side server
+	Hostname string `json:"hostname,omitempty"`
+}
+
+// jfloat is a float64 that encodes NaN and infinities as JSON null.
+type jfloat float64
+
+func (f jfloat) MarshalJSON() ([]byte, error) {
+	x := float64(f)
+	if math.IsNaN(x) || math.IsInf(x, 0) {
+		return []byte("null"), nil
+	}
+	return json.Marshal(x)
+}
+
+func machineFacts() Machine {
+	m := Machine{CPU: cpuModel(), Cores: runtime.NumCPU(), Go: runtime.Version()}
+	var u unix.Utsname
+	if unix.Uname(&u) == nil {
+		m.Kernel = unix.ByteSliceToString(u.Release[:])
+	}
+	m.Hostname, _ = os.Hostname()
+	return m
+}
+
+// cpuModel returns the first "model name" of /proc/cpuinfo.
+func cpuModel() string {
+	f, err := os.Open("/proc/cpuinfo")
+	if err != nil {
+		return "unknown"
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		k, v, ok := strings.Cut(sc.Text(), ":")
+		if ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "unknown"
+}
+
+// binaryInfo returns the VCS revision (with "+dirty" for modified trees)
+// and the Go version batond was built with, if recorded.
+func binaryInfo(path string) (rev, goVersion string) {
+	bi, err := buildinfo.ReadFile(path)
+	if err != nil {
+		return "", ""
+	}
+	dirty := false
+	for _, s := range bi.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			rev = s.Value
+		case "vcs.modified":
+			dirty = s.Value == "true"
+		}
+	}
+	if rev != "" && dirty {
+		rev += "+dirty"
+	}
+	return rev, bi.GoVersion
+}
+
+func printMachine(r *Results) {
+	m := r.Machine
+	fmt.Printf("batonlab bench: %s, %d cores, Linux %s, %s, MTU %d, %v per run, %d runs per server\n",
+		m.CPU, m.Cores, m.Kernel, m.Go, r.Config.MTU, time.Duration(r.Config.DurationS*float64(time.Second)), r.Config.Runs)
+	if r.Config.BatondRevision != "" || r.Config.BatondGo != "" {
+		fmt.Printf("batond %s (revision %s, %s)\n", r.Config.Batond, orDash(r.Config.BatondRevision), orDash(r.Config.BatondGo))
+	}
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// printResults prints the summary table.
+func printResults(r *Results) {
+	t := resultsTable(r)
+	m := r.Machine
+	fmt.Printf("Baton vs Linux kernel, same path (client -> router -> node), same stream service code\n")
+	fmt.Printf("machine: %s, %d cores, Linux %s, %s; MTU %d\n\n", m.CPU, m.Cores, m.Kernel, m.Go, r.Config.MTU)
+	fmt.Print(t.String())
+}
+
+// resultsTable builds the summary table (figure, baton, kernel, ratio,
+// target).
+func resultsTable(r *Results) *table {
+	t := newTable("figure", "baton", "kernel", "ratio", "target").alignRight(1, 2, 3)
+	for _, s := range r.Single {
+		verdict := "met"
+		if !s.MeetsTarget {
+			verdict = "MISSED"
+		}
+		target := fmt.Sprintf(">= %.1fx %s", s.Target, verdict)
+		if r.Config.MTU != 1500 {
+			target += " (target is for MTU 1500)"
+		}
+		t.add(fmt.Sprintf("single-flow download %s, Gb/s (median of %d)", s.Family, len(s.BatonGbps)),
+			fmtFloat(s.BatonMedian, 2), fmtFloat(s.KernelMedian, 2), fmtRatio(s.Ratio), target)
+		t.add("  runs", joinFloats(s.BatonGbps, 2), joinFloats(s.KernelGbps, 2))
+	}
+	if c := r.Conns; c != nil {
+		t.add(fmt.Sprintf("new connections/s %s (%d workers)", c.Family, c.Workers),
+			fmtFloat(c.Baton.PerSec, 0), fmtFloat(c.Kernel.PerSec, 0), fmtRatio(c.Ratio), "-")
+		t.add("  failed connections (must be 0)", fmt.Sprint(c.Baton.Failures), fmt.Sprint(c.Kernel.Failures))
+		t.add("  reconnect from a port in server TIME-WAIT", okOrFailed(c.Baton.TimeWaitReconnect), okOrFailed(c.Kernel.TimeWaitReconnect))
+		t.add("  exchange latency p50 / p99, ms",
+			fmtFloat(c.Baton.P50ms, 2)+" / "+fmtFloat(c.Baton.P99ms, 2),
+			fmtFloat(c.Kernel.P50ms, 2)+" / "+fmtFloat(c.Kernel.P99ms, 2))
+	}
+	t.add("batond crashes (must be 0)", fmt.Sprint(len(r.Crashes)))
+	return t
+}
+
+func okOrFailed(s string) string {
+	if s == "ok" {
+		return "ok"
+	}
+	return "FAILED"
+}
+
+func joinFloats(xs []float64, prec int) string {
+	s := make([]string, len(xs))
+	for i, x := range xs {
+		s[i] = fmtFloat(x, prec)
+	}
+	return strings.Join(s, " ")
+}
+
+// jsonResults mirrors Results with NaN-safe ratios.
+func jsonResults(r *Results) any {
+	type single struct {
+		SingleFlow
+		Ratio jfloat `json:"ratio"`
+	}
+	type conns struct {
+		ConnRate
+		Ratio jfloat `json:"ratio"`
+	}
+	out := struct {
+		Date    string         `json:"date"`
+		Machine Machine        `json:"machine"`
+		Config  BenchConfig    `json:"config"`
+		Single  []single       `json:"single_flow"`
+		Conns   *conns         `json:"conn_rate,omitempty"`
+		Profile *ProfileResult `json:"profile,omitempty"`
+		Crashes []string       `json:"batond_crashes"`
+	}{Date: r.Date, Machine: r.Machine, Config: r.Config, Profile: r.Profile, Crashes: r.Crashes}
+	for _, s := range r.Single {
+		out.Single = append(out.Single, single{s, jfloat(s.Ratio)})
+	}
+	if r.Conns != nil {
+		out.Conns = &conns{*r.Conns, jfloat(r.Conns.Ratio)}
+	}
+	return out
+}
+
+func writeJSON(path string, r *Results) error {
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(jsonResults(r)); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(path, b.Bytes(), 0o644)
+}
+
+// pprofTop runs `go tool pprof -top` on the profile, sorted by flat and by
+// cumulative time, and returns the lines; without `go` on PATH it returns
+// how to view the profile instead.
+func pprofTop(bin, profile string) (flat, cum []string, hint, toolErr string) {
+	hint = "go tool pprof -top " + bin + " " + profile + "   (or -http=:8080 for a browser view)"
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		return nil, nil, hint, "go not on PATH"
+	}
+	run := func(extra ...string) ([]string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		args := append([]string{"tool", "pprof", "-top", "-nodecount=15"}, extra...)
+		args = append(args, bin, profile)
+		var stdout, stderr bytes.Buffer
+		cmd := exec.CommandContext(ctx, goBin, args...)
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		if err := cmd.Run(); err != nil {
+			return nil, fmt.Errorf("%v: %s", err, strings.TrimSpace(stderr.String()))
+		}
+		var lines []string
+		for _, l := range strings.Split(strings.TrimRight(stdout.String(), "\n"), "\n") {
+			// Drop the header lines that repeat the file's identity.
+			if !strings.HasPrefix(l, "File: ") && !strings.HasPrefix(l, "Build ID: ") &&
+				!strings.HasPrefix(l, "Type: ") && !strings.HasPrefix(l, "Time: ") {
+				lines = append(lines, l)
+			}
+		}
+		return lines, nil
+	}
+	if flat, err = run(); err != nil {
+		return nil, nil, hint, err.Error()
+	}
+	if cum, err = run("-cum"); err != nil {
+		return flat, nil, hint, err.Error()
+	}
+	return flat, cum, hint, ""
+}
+
+func printProfile(p *ProfileResult) {
+	fmt.Printf("\nbatond CPU profile (%.0fs during a single-flow download): %s\n", p.Seconds, p.File)
+	if p.ToolError != "" {
+		fmt.Printf("could not summarise it (%s); view it with:\n    %s\n", p.ToolError, p.ViewHint)
+		return
+	}
+	fmt.Println("\ntop 15 by flat time:")
+	for _, l := range p.TopFlat {
+		fmt.Println("    " + l)
+	}
+	fmt.Println("\ntop 15 by cumulative time:")
+	for _, l := range p.TopCum {
+		fmt.Println("    " + l)
+	}
+	fmt.Printf("\nview it with: %s\n", p.ViewHint)
+}
