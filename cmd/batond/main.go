@@ -33,6 +33,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 
+	"github.com/baton-anycast/baton/handoff"
 	batonv1 "github.com/baton-anycast/baton/proto/baton/v1"
 	"github.com/baton-anycast/baton/stack"
 	"github.com/baton-anycast/baton/stack/services"
@@ -101,6 +102,10 @@ type daemon struct {
 	st     *stack.Stack
 	routes *tun.Routes
 
+	tracker     *handoff.Tracker
+	stopTracker func()
+	repl        *handoff.Replication
+
 	admin        *grpc.Server
 	adminCleanup func()
 	metrics      *http.Server
@@ -144,6 +149,9 @@ func (d *daemon) start() error {
 		if err := d.addService(sc); err != nil {
 			return err
 		}
+	}
+	if err := d.startHandoff(); err != nil {
+		return err
 	}
 	if err := d.startAdmin(); err != nil {
 		return err
@@ -208,6 +216,7 @@ func (d *daemon) startMetrics() error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(newNodeCollector(d))
+	reg.MustRegister(d.handoffCollectors()...)
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	if d.cfg.Pprof {
@@ -237,6 +246,7 @@ func (d *daemon) stop() {
 			d.log.Error("removing anycast routes", "err", err)
 		}
 	}
+	d.stopHandoff()
 	if d.st != nil {
 		d.st.Close() // closes the device too
 	} else if d.dev != nil {
@@ -262,3 +272,5 @@ func (d *daemon) stop() {
 }
 
 func umask(m int) int { return syscall.Umask(m) }
+
+func errorf(format string, args ...any) error { return fmt.Errorf(format, args...) }

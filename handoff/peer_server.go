@@ -1,0 +1,276 @@
+package handoff
+
+// The peer server: the callee side of the Peer service. It authenticates
+// every caller by its certificate (node name = CommonName or DNS SAN; in
+// insecure mode the FlowBatch.sender field is trusted, with a warning),
+// accepts flow state only from a configured peer about flows that peer
+// owns, and never trusts anything else it receives: every rejection is
+// counted by reason and logged (rate-limited) with the peer's name.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"slices"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	batonv1 "github.com/baton-anycast/baton/proto/baton/v1"
+)
+
+const (
+	// MaxBatchEvents is the most events a received batch may carry; a
+	// bigger batch is rejected whole (too_large).
+	MaxBatchEvents = 1024
+	// MaxPeerMessageBytes is the largest gRPC message the peer server
+	// accepts.
+	MaxPeerMessageBytes = 4 << 20
+)
+
+type peerServer struct {
+	batonv1.UnimplementedPeerServer
+	r *Replication
+}
+
+// identity returns the node names in the caller's verified certificate and
+// its address.
+func identity(ctx context.Context) (names []string, addr string) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return nil, ""
+	}
+	if p.Addr != nil {
+		addr = p.Addr.String()
+	}
+	if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(ti.State.PeerCertificates) > 0 {
+		names = certNames(ti.State.PeerCertificates[0])
+	}
+	return names, addr
+}
+
+// printable shortens a remote-chosen string for a log line.
+func printable(s string) string {
+	if len(s) > MaxNodeNameBytes {
+		s = s[:MaxNodeNameBytes] + "..."
+	}
+	return fmt.Sprintf("%q", s)
+}
+
+// authorizeSender checks a batch's sender against the caller's identity.
+// It returns a reject reason ("" when accepted).
+func (s *peerServer) authorizeSender(sender string, names []string) (reason, detail string) {
+	r := s.r
+	if !r.members.IsPeer(sender) {
+		return RejectNotMember, fmt.Sprintf("sender %s is not a configured peer", printable(sender))
+	}
+	if r.cfg.Insecure {
+		r.insecureWarn.Do(func() {
+			r.log.Warn("replication: insecure peer network: trusting the sender named in each batch", "sender", sender)
+		})
+		return "", ""
+	}
+	if !slices.Contains(names, sender) {
+		return RejectIdentityMismatch, fmt.Sprintf("sender %s, certificate names %s", printable(sender), printable(strings.Join(names, ",")))
+	}
+	return "", ""
+}
+
+// authorizeCall lets read-only calls through from configured peers only
+// (any caller in insecure mode).
+func (s *peerServer) authorizeCall(ctx context.Context) error {
+	if s.r.cfg.Insecure {
+		return nil
+	}
+	names, addr := identity(ctx)
+	for _, n := range names {
+		if s.r.members.IsPeer(n) {
+			return nil
+		}
+	}
+	detail := fmt.Sprintf("certificate names %s", printable(strings.Join(names, ",")))
+	s.r.rejects.add("unknown", RejectNotMember, 1, detail, "remote", addr)
+	return status.Errorf(codes.PermissionDenied, "%s: %s", RejectNotMember, detail)
+}
+
+// Replicate receives a peer's flow events and acknowledges each batch.
+func (s *peerServer) Replicate(stream batonv1.Peer_ReplicateServer) error {
+	r := s.r
+	names, addr := identity(stream.Context())
+	var (
+		sender   string
+		lk       *link
+		inResync bool
+		keep     map[FlowKey]struct{}
+	)
+	defer func() {
+		if sender != "" {
+			r.members.inboundClosed(sender)
+		}
+	}()
+	for {
+		b, err := stream.Recv()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
+		}
+		if sender == "" {
+			if reason, detail := s.authorizeSender(b.Sender, names); reason != "" {
+				label := "unknown"
+				if r.members.IsPeer(b.Sender) {
+					label = b.Sender
+				}
+				r.rejects.add(label, reason, 1, detail, "remote", addr)
+				return status.Errorf(codes.PermissionDenied, "%s: %s", reason, detail)
+			}
+			sender = b.Sender
+			lk = r.linkByName[sender]
+			r.members.inboundOpened(sender)
+		} else if b.Sender != sender {
+			detail := fmt.Sprintf("sender changed from %q to %s within a stream", sender, printable(b.Sender))
+			r.rejects.add(sender, RejectIdentityMismatch, 1, detail, "remote", addr)
+			return status.Errorf(codes.PermissionDenied, "%s: %s", RejectIdentityMismatch, detail)
+		}
+		if lk != nil {
+			lk.bytesRecv.Add(uint64(proto.Size(b)))
+		}
+		ack := s.apply(sender, b, &inResync, &keep)
+		if err := stream.Send(ack); err != nil {
+			return err
+		}
+	}
+}
+
+// apply applies one batch and builds its ack. Between a batch with
+// resync_begin and one with resync_end, the keys the sender holds are
+// collected; at resync_end everything else held from it is dropped.
+func (s *peerServer) apply(sender string, b *batonv1.FlowBatch, inResync *bool, keep *map[FlowKey]struct{}) *batonv1.BatchAck {
+	r := s.r
+	ack := &batonv1.BatchAck{Seq: b.Seq}
+	r.members.seen(sender, time.Now())
+	if n := len(b.Events); n > MaxBatchEvents {
+		ack.Rejected, ack.FirstReject = uint32(n), RejectTooLarge
+		r.rejects.add(sender, RejectTooLarge, n, fmt.Sprintf("batch %d of %d events (max %d)", b.Seq, n, MaxBatchEvents))
+		return ack
+	}
+	if b.ResyncBegin {
+		*inResync, *keep = true, make(map[FlowKey]struct{})
+	}
+	var (
+		firstErr error
+		counts   map[string]int
+	)
+	for _, ev := range b.Events {
+		res, err := r.store.Apply(sender, ev)
+		if err != nil {
+			reason := RejectReason(err)
+			if counts == nil {
+				counts = map[string]int{}
+			}
+			counts[reason]++
+			if firstErr == nil {
+				firstErr = err
+				ack.FirstReject = reason
+			}
+			ack.Rejected++
+			continue
+		}
+		ack.Accepted++
+		if *inResync {
+			if res.Held {
+				(*keep)[res.Key] = struct{}{}
+			} else {
+				delete(*keep, res.Key)
+			}
+		}
+	}
+	for reason, n := range counts {
+		detail := reason
+		if RejectReason(firstErr) == reason {
+			detail = firstErr.Error()
+		}
+		r.rejects.add(sender, reason, n, detail)
+	}
+	if b.ResyncEnd && *inResync {
+		dropped := r.store.Replace(sender, *keep)
+		r.log.Debug("replication: resync from peer done", "peer", sender, "flows", len(*keep), "dropped", dropped)
+		*inResync, *keep = false, nil
+	}
+	return ack
+}
+
+// Lookup returns what this node knows about a flow: owned, or a replica.
+func (s *peerServer) Lookup(ctx context.Context, req *batonv1.LookupRequest) (*batonv1.LookupResponse, error) {
+	if err := s.authorizeCall(ctx); err != nil {
+		return nil, err
+	}
+	k, err := KeyFromProto(req.GetKey())
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	if st, ok := s.r.src.Lookup(k); ok {
+		return &batonv1.LookupResponse{Found: true, State: st, Owned: true}, nil
+	}
+	if st, ok := s.r.store.Lookup(k); ok {
+		return &batonv1.LookupResponse{Found: true, State: st}, nil
+	}
+	return &batonv1.LookupResponse{}, nil
+}
+
+// ListOwned streams the flows this node owns.
+func (s *peerServer) ListOwned(_ *batonv1.ListOwnedRequest, stream batonv1.Peer_ListOwnedServer) error {
+	if err := s.authorizeCall(stream.Context()); err != nil {
+		return err
+	}
+	// Collect first: the tracker must not wait for the network.
+	var states []*batonv1.FlowState
+	s.r.src.Owned(func(st *batonv1.FlowState) bool {
+		states = append(states, st)
+		return true
+	})
+	for _, st := range states {
+		if err := stream.Send(st); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Claim is implemented by the takeover work.
+func (s *peerServer) Claim(context.Context, *batonv1.ClaimRequest) (*batonv1.ClaimResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "Claim is implemented by the takeover work")
+}
+
+// Release is implemented by the takeover work.
+func (s *peerServer) Release(context.Context, *batonv1.ReleaseRequest) (*batonv1.ReleaseResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "Release is implemented by the takeover work")
+}
+
+// countingCreds counts failed TLS handshakes on the peer listener (a
+// certificate from another CA, none at all, ...): they never reach a
+// handler.
+type countingCreds struct {
+	credentials.TransportCredentials
+	r *Replication
+}
+
+func (c countingCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	nc, ai, err := c.TransportCredentials.ServerHandshake(conn)
+	if err != nil {
+		c.r.rejects.add("unknown", RejectTLSHandshake, 1, err.Error(), "remote", conn.RemoteAddr().String())
+	}
+	return nc, ai, err
+}
+
+func (c countingCreds) Clone() credentials.TransportCredentials {
+	return countingCreds{TransportCredentials: c.TransportCredentials.Clone(), r: c.r}
+}
