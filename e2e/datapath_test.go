@@ -23,6 +23,12 @@ import (
 func TestServicesThroughRouter(t *testing.T) {
 	t.Parallel()
 	l, _ := newLab(t, 3)
+	checkServices(t, l)
+}
+
+// checkServices runs the service checks of TestServicesThroughRouter on a
+// running lab.
+func checkServices(t *testing.T, l *lab.Lab) {
 	ctx := testCtx(t)
 	families := []struct {
 		name    string

@@ -98,8 +98,8 @@ func TestReplicaStoreEpochFencing(t *testing.T) {
 		t.Fatal("Lookup returned the stored state")
 	}
 	mustReject("n1", ev(kUpdate, testState("n1", k, 4)), RejectStaleEpoch)
-	mustReject("n2", ev(kOpen, testState("n2", k, 5)), RejectStaleEpoch)   // same epoch, other owner
-	mustReject("n2", ev(kClose, testState("n2", k, 4)), RejectStaleEpoch)  // lower epoch close
+	mustReject("n2", ev(kOpen, testState("n2", k, 5)), RejectStaleEpoch)  // same epoch, other owner
+	mustReject("n2", ev(kClose, testState("n2", k, 4)), RejectStaleEpoch) // lower epoch close
 	mustReject("n1", ev(kClose, &batonv1.FlowState{Key: k.Proto(), Owner: "n1", Epoch: 3}), RejectStaleEpoch)
 	// Higher epoch from another owner moves the flow.
 	mustApply("n2", ev(kUpdate, testState("n2", k, 6)))

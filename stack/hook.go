@@ -3,6 +3,7 @@ package stack
 import (
 	"net/netip"
 
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
@@ -30,9 +31,106 @@ func (d Direction) String() string {
 // slice (the endpoint then delivers or writes the new bytes). Data is valid
 // only during the hook call: a hook that keeps a packet (to queue or replay
 // it later) copies it.
+//
+// GSO is zero except for outbound TCP packets on a device with segmentation
+// offload (tun.Config.Offload); see GSOInfo for what such a packet is and
+// what a hook that rewrites one must keep true.
 type Packet struct {
 	Dir  Direction
 	Data []byte
+	GSO  GSOInfo
+}
+
+// GSOType is the kind of segmentation offload of an outbound packet.
+type GSOType uint8
+
+const (
+	// GSONone: an ordinary packet, complete and at most the MTU.
+	GSONone GSOType = iota
+	// GSOTCPv4 and GSOTCPv6: a TCP segment of gVisor's host-GSO path
+	// (see GSOInfo).
+	GSOTCPv4
+	GSOTCPv6
+)
+
+// GSOInfo describes an outbound packet that the kernel finishes after Baton
+// writes it. On a device with segmentation offload, gVisor's TCP hands the
+// endpoint every segment of an accepted connection (data, pure ACKs, FIN)
+// this way; SYN-ACKs and resets stay ordinary, complete packets:
+//
+//   - Type is GSOTCPv4 or GSOTCPv6 and Data is ONE TCP segment, which may
+//     carry far more than MSS payload bytes (up to about 64 KiB, larger
+//     than the MTU). When its payload is larger than MSS, the kernel cuts
+//     it into segments of MSS payload bytes, if and when a device on the
+//     way needs that: each repeats the IP and TCP headers (options
+//     included), sequence numbers advance by the payload before them, FIN
+//     and PSH stay on the last segment, CWR on the first, and IPv4 IDs
+//     count up. A hook sees the segment once, as gVisor sent it: sequence
+//     numbers, acks, windows and timestamps are those of every piece, and
+//     seq + payload length is where the last piece ends.
+//   - With PartialChecksum, the TCP checksum field does not hold the
+//     checksum: it holds the pseudo-header sum (addresses, protocol, and
+//     the TCP length of the whole packet as in Data), not complemented.
+//     The kernel adds the TCP header and payload to it (for every piece,
+//     after cutting). Do not verify such a checksum, and do not update it
+//     incrementally (RFC 1624) when rewriting the TCP header or payload:
+//     a rewrite of sequence or ack numbers, ports, windows, options or
+//     payload needs no checksum change at all. A rewrite of the addresses
+//     or a change of the length changes the pseudo-header: call
+//     ResetPartialChecksum after it.
+//
+// A hook that takes such a packet elsewhere than the TUN (Consume, to a
+// peer or a capture) must finish it first: tun.SegmentGSO returns the wire
+// packets. A hook that changes the packet must keep GSO true to it (or
+// clear it after producing a complete packet of at most the MTU).
+// AnycastFilter and the flow tracker only read addresses, ports, sequence
+// numbers and flags, which need nothing of this.
+type GSOInfo struct {
+	Type GSOType
+	// MSS is the payload bytes per segment the kernel cuts the packet
+	// into; 0 means it is never cut.
+	MSS uint16
+	// PartialChecksum: the TCP checksum field holds the pseudo-header sum.
+	PartialChecksum bool
+}
+
+// ResetPartialChecksum stores in the TCP checksum field of a packet with
+// GSO.PartialChecksum the pseudo-header sum of its current addresses and
+// length (what gVisor put there). It returns false, changing nothing, for a
+// packet without a partial checksum or that is not a whole IPv4/IPv6 TCP
+// packet without IPv6 extension headers.
+func (p *Packet) ResetPartialChecksum() bool {
+	if !p.GSO.PartialChecksum {
+		return false
+	}
+	var addrs []byte
+	var l4 int
+	switch p.Version() {
+	case 4:
+		ip := header.IPv4(p.Data)
+		l4 = int(ip.HeaderLength())
+		if ip.Protocol() != uint8(header.TCPProtocolNumber) || l4 < header.IPv4MinimumSize || int(ip.TotalLength()) != len(p.Data) {
+			return false
+		}
+		addrs = p.Data[12:20]
+	case 6:
+		ip := header.IPv6(p.Data)
+		l4 = header.IPv6MinimumSize
+		if ip.NextHeader() != uint8(header.TCPProtocolNumber) || int(ip.PayloadLength())+l4 != len(p.Data) {
+			return false
+		}
+		addrs = p.Data[8:40]
+	default:
+		return false
+	}
+	if len(p.Data) < l4+header.TCPMinimumSize || len(p.Data)-l4 > 0xffff {
+		return false
+	}
+	sum := checksum.Checksum(addrs, 0)
+	sum = checksum.Combine(sum, uint16(header.TCPProtocolNumber))
+	sum = checksum.Combine(sum, uint16(len(p.Data)-l4))
+	header.TCP(p.Data[l4:]).SetChecksum(sum)
+	return true
 }
 
 // Version returns 4 or 6 for an IPv4 or IPv6 packet, 0 for anything else.
@@ -108,6 +206,8 @@ type Injector interface {
 	// been read from the TUN. The bytes are copied.
 	InjectInbound(data []byte) error
 	// InjectOutbound writes an IP packet to the TUN device as if the stack
-	// had sent it. It blocks like any other write to the device.
+	// had sent it. It blocks like any other write to the device. The
+	// packet goes without GSO info: it must be complete (checksums) and
+	// at most the MTU, also on a device with segmentation offload.
 	InjectOutbound(data []byte) error
 }

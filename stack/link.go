@@ -23,9 +23,21 @@ package stack
 //     the stack's header and payload views are flattened once into a pooled
 //     buffer, because rewriting gVisor's views in place could corrupt payload
 //     chunks that TCP shares with its retransmit queue.
-//   - No checksum offload. The kernel does not check what we write to a TUN,
-//     and packets forwarded into a TUN are not checked by the kernel either,
-//     so gVisor computes and verifies every checksum.
+//   - No receive checksum offload. Packets forwarded into a TUN are not
+//     checked by the kernel, so gVisor verifies every inbound checksum.
+//   - Segmentation offload only when the device has it (tun.Config.Offload):
+//     the endpoint then implements stack.GSOEndpoint with HostGSOSupported,
+//     as link/fdbased does on a host socket, and gVisor's TCP hands it
+//     segments of up to ~64 KiB with a partial checksum (every TCP segment
+//     of such a connection: gVisor's host GSO always sets NeedsCsum). The
+//     hook chain sees each as one packet (Packet.GSO says what it is), then
+//     the device gets it with a virtio_net_hdr built as fdbased builds it,
+//     with two differences: a TUN has no Ethernet header, so the checksum
+//     starts right after the IP header; and the header is built from the
+//     packet after the hooks (IP and TCP header lengths read from the
+//     bytes), not from gVisor's GSOOptions, so a hook cannot make it lie.
+//     UDP and ICMP keep full checksums (no TX checksum capability). Without
+//     the option nothing changes: no GSO, every checksum complete.
 
 import (
 	"errors"
@@ -53,6 +65,9 @@ type LinkStats struct {
 	RxNotIP            uint64 // inbound packets that are not IPv4/IPv6
 	TxErrors           uint64 // outbound packets the device failed to write
 	Injected           uint64 // packets put on the path by an Injector
+	// TxGSO counts the packets of TxPackets written as one GSO segment for
+	// the kernel to cut (payload larger than the MSS).
+	TxGSO uint64
 }
 
 // hookDrops counts drops per hook and direction.
@@ -74,6 +89,7 @@ type Endpoint struct {
 	dev    tun.Device
 	mtu    uint32
 	queues int
+	gso    bool // dev.GSO(): advertise host GSO to gVisor
 
 	chain atomic.Pointer[chain]
 	// allDrops keeps every hookDrops ever created, so counters survive
@@ -88,10 +104,11 @@ type Endpoint struct {
 	closed    atomic.Bool
 	closeOnce sync.Once
 
-	outPool sync.Pool // *[]byte of mtu bytes
+	outPool sync.Pool // *[]byte of mtu bytes (tun.MaxGSOPacket with GSO)
 
 	rxPackets, rxBytes atomic.Uint64
 	txPackets, txBytes atomic.Uint64
+	txGSO              atomic.Uint64
 	rxConsumed         atomic.Uint64
 	txConsumed         atomic.Uint64
 	rxNotIP, txErrors  atomic.Uint64
@@ -103,6 +120,7 @@ type Endpoint struct {
 }
 
 var _ stack.LinkEndpoint = (*Endpoint)(nil)
+var _ stack.GSOEndpoint = (*Endpoint)(nil)
 var _ Injector = (*Endpoint)(nil)
 
 // NewEndpoint returns an endpoint for dev. The endpoint owns dev from now on:
@@ -112,11 +130,16 @@ func NewEndpoint(dev tun.Device) *Endpoint {
 		dev:      dev,
 		mtu:      uint32(dev.MTU()),
 		queues:   dev.Queues(),
+		gso:      dev.GSO(),
 		allDrops: make(map[string]*hookDrops),
 		failed:   make(chan struct{}),
 	}
+	outSize := int(e.mtu)
+	if e.gso {
+		outSize = max(outSize, tun.MaxGSOPacket)
+	}
 	e.outPool.New = func() any {
-		b := make([]byte, e.mtu)
+		b := make([]byte, outSize)
 		return &b
 	}
 	e.chain.Store(&chain{})
@@ -164,6 +187,7 @@ func (e *Endpoint) Stats() LinkStats {
 		RxNotIP:    e.rxNotIP.Load(),
 		TxErrors:   e.txErrors.Load(),
 		Injected:   e.injected.Load(),
+		TxGSO:      e.txGSO.Load(),
 	}
 }
 
@@ -280,19 +304,109 @@ func (e *Endpoint) writeOne(pkt *stack.PacketBuffer) tcpip.Error {
 	defer e.outPool.Put(bp)
 	buf := *bp
 	if size > len(buf) {
-		// Larger than the MTU: gVisor fragments to the MTU, so this only
-		// happens with GSO, which this endpoint does not advertise.
+		// Larger than the MTU without GSO (gVisor fragments to the MTU),
+		// or than the largest GSO segment gVisor makes (GSOMaxSize):
+		// neither happens.
 		buf = make([]byte, size)
 	}
 	n := 0
 	for _, s := range pkt.AsSlices() {
 		n += copy(buf[n:], s)
 	}
-	p := Packet{Dir: Outbound, Data: buf[:n]}
+	p := Packet{Dir: Outbound, Data: buf[:n], GSO: e.gsoInfo(pkt)}
 	if !e.run(&p) {
 		return nil
 	}
-	return e.write(p.Data)
+	return e.write(p.Data, p.GSO)
+}
+
+// gsoMaxSize is what the endpoint advertises as GSOMaxSize: 64 KiB, the
+// gso_max_size of a Linux device (veth's), which is what link/fdbased is
+// given on a host socket, and stack.GVisorGSOMaxSize. gVisor's TCP keeps
+// the payload of a segment below it by its maximum header size
+// (header.TCPTotalHeaderMaximumSize + 1: at most 65375 bytes), so a segment
+// with its IP and TCP headers always fits tun.MaxGSOPacket.
+const gsoMaxSize = 1 << 16
+
+// GSOMaxSize implements stack.GSOEndpoint.GSOMaxSize: 64 KiB with a GSO
+// device, 0 (no GSO) otherwise.
+func (e *Endpoint) GSOMaxSize() uint32 {
+	if e.gso {
+		return gsoMaxSize
+	}
+	return 0
+}
+
+// SupportedGSO implements stack.GSOEndpoint.SupportedGSO: host GSO (the
+// kernel cuts the segments) with a GSO device, none otherwise.
+func (e *Endpoint) SupportedGSO() stack.SupportedGSO {
+	if e.gso {
+		return stack.HostGSOSupported
+	}
+	return stack.GSONotSupported
+}
+
+// gsoInfo translates gVisor's GSO options of an outbound packet.
+func (e *Endpoint) gsoInfo(pkt *stack.PacketBuffer) GSOInfo {
+	if !e.gso {
+		return GSOInfo{}
+	}
+	g := pkt.GSOOptions
+	var t GSOType
+	switch g.Type {
+	case stack.GSOTCPv4:
+		t = GSOTCPv4
+	case stack.GSOTCPv6:
+		t = GSOTCPv6
+	default:
+		return GSOInfo{}
+	}
+	return GSOInfo{Type: t, MSS: g.MSS, PartialChecksum: g.NeedsCsum}
+}
+
+// virtioHdr builds the virtio_net_hdr for a packet with GSO info g, as
+// link/fdbased does for host GSO (see the file comment for the two
+// differences): HdrLen is the IP and TCP header length; with a partial
+// checksum, NEEDS_CSUM at CsumStart (the TCP header) + CsumOffset (16);
+// with a payload larger than the MSS, the GSO type and GSOSize = MSS. ok is
+// false when the packet does not match g (not TCP of the right IP version,
+// or truncated headers): the packet cannot be finished and is dropped.
+func virtioHdr(data []byte, g GSOInfo) (h tun.VirtioNetHdr, ok bool) {
+	var l4 int
+	var gsoType uint8
+	switch {
+	case g.Type == GSOTCPv4 && len(data) >= header.IPv4MinimumSize && data[0]>>4 == header.IPv4Version:
+		ip := header.IPv4(data)
+		if ip.Protocol() != uint8(header.TCPProtocolNumber) {
+			return h, false
+		}
+		l4, gsoType = int(ip.HeaderLength()), tun.VirtioNetHdrGSOTCPv4
+	case g.Type == GSOTCPv6 && len(data) >= header.IPv6MinimumSize && data[0]>>4 == header.IPv6Version:
+		if header.IPv6(data).NextHeader() != uint8(header.TCPProtocolNumber) {
+			return h, false
+		}
+		l4, gsoType = header.IPv6MinimumSize, tun.VirtioNetHdrGSOTCPv6
+	default:
+		return h, false
+	}
+	if l4 < header.IPv4MinimumSize || len(data) < l4+header.TCPMinimumSize {
+		return h, false
+	}
+	thl := int(header.TCP(data[l4:]).DataOffset())
+	if thl < header.TCPMinimumSize || l4+thl > len(data) {
+		return h, false
+	}
+	h.HdrLen = uint16(l4 + thl)
+	if g.PartialChecksum {
+		h.Flags = tun.VirtioNetHdrFNeedsCsum
+		h.CsumStart = uint16(l4)
+		h.CsumOffset = header.TCPChecksumOffset
+	}
+	if g.MSS > 0 && len(data)-l4-thl > int(g.MSS) {
+		h.GSOType = gsoType
+		h.GSOSize = g.MSS
+	}
+	return h, true
 }
 
 // queueFor picks the device queue an outbound packet is written on. A
@@ -327,8 +441,19 @@ func (e *Endpoint) queueFor(data []byte) int {
 	return int(h % uint32(e.queues))
 }
 
-func (e *Endpoint) write(data []byte) tcpip.Error {
-	if err := e.dev.Write(e.queueFor(data), [][]byte{data}); err != nil {
+func (e *Endpoint) write(data []byte, g GSOInfo) tcpip.Error {
+	var err error
+	gso := false
+	if g == (GSOInfo{}) {
+		err = e.dev.Write(e.queueFor(data), [][]byte{data})
+	} else if h, ok := virtioHdr(data, g); !ok {
+		e.txErrors.Add(1)
+		return nil // lost like on a wire; TCP retransmits
+	} else {
+		gso = h.GSOType != tun.VirtioNetHdrGSONone
+		err = e.dev.WriteGSO(e.queueFor(data), h, [][]byte{data})
+	}
+	if err != nil {
 		if errors.Is(err, tun.ErrClosed) {
 			return &tcpip.ErrClosedForSend{}
 		}
@@ -337,6 +462,9 @@ func (e *Endpoint) write(data []byte) tcpip.Error {
 	}
 	e.txPackets.Add(1)
 	e.txBytes.Add(uint64(len(data)))
+	if gso {
+		e.txGSO.Add(1)
+	}
 	return nil
 }
 
@@ -377,7 +505,7 @@ func (e *Endpoint) InjectOutbound(data []byte) error {
 		return errors.New("stack: injected outbound packet is not IPv4 or IPv6")
 	}
 	e.injected.Add(1)
-	if err := e.write(data); err != nil {
+	if err := e.write(data, GSOInfo{}); err != nil {
 		return tun.ErrClosed
 	}
 	return nil
@@ -402,7 +530,8 @@ func (*Endpoint) LinkAddress() tcpip.LinkAddress { return "" }
 func (*Endpoint) SetLinkAddress(tcpip.LinkAddress) {}
 
 // Capabilities implements stack.NetworkLinkEndpoint.Capabilities. None: see
-// the file comment on checksums.
+// the file comment on checksums (segmentation offload is stack.GSOEndpoint,
+// not a capability).
 func (*Endpoint) Capabilities() stack.LinkEndpointCapabilities { return 0 }
 
 // Attach implements stack.NetworkLinkEndpoint.Attach. The first attach starts

@@ -15,8 +15,9 @@
 //	     UDP datagrams: udp.Forwarder -> Stack.serveUDP -> service.HandleDatagram
 //
 // and back (service -> client): gonet.TCPConn.Write -> gVisor TCP ->
-// Endpoint.WritePackets -> hook chain (outbound) -> tun.Device.Write -> the
-// kernel routes the packet to the client.
+// Endpoint.WritePackets -> hook chain (outbound) -> tun.Device.Write (or
+// WriteGSO, with a virtio header, on a device with segmentation offload) ->
+// the kernel routes the packet to the client.
 //
 // This package must not know about peers, replication or takeover: the
 // handoff layer sees packets only through Hooks and puts packets on the path
@@ -341,6 +342,11 @@ func (st *Stack) Close() {
 	}
 	st.s.Close()
 	st.ep.Close()
+	// Wait for the readers before gVisor's Wait: that holds the stack's
+	// lock while it waits for the link endpoint, and a reader still
+	// delivering a packet may need that lock (to answer it), which would
+	// deadlock (found under load by TestCloseStopsEverything).
+	st.ep.Wait()
 	st.wg.Wait()
 	st.s.Wait()
 }

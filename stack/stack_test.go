@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -32,7 +33,12 @@ type node struct {
 
 func newNode(t *testing.T, name string) *node {
 	t.Helper()
-	dev := tun.NewFake("any0", 1500, 1, 256)
+	return newNodeOn(t, name, tun.NewFake("any0", 1500, 1, 256))
+}
+
+// newNodeOn is newNode on a given fake device.
+func newNodeOn(t *testing.T, name string, dev *tun.Fake) *node {
+	t.Helper()
 	st, err := stack.New(dev, stack.Config{NodeName: name, Prefixes: stacktest.AnycastNets})
 	if err != nil {
 		t.Fatal(err)
@@ -405,7 +411,8 @@ func TestCloseStopsEverything(t *testing.T) {
 	select {
 	case <-done:
 	case <-time.After(30 * time.Second):
-		t.Fatal("Close did not return with a connection open")
+		buf := make([]byte, 1<<20)
+		t.Fatalf("Close did not return with a connection open\n%s", buf[:runtime.Stack(buf, true)])
 	}
 	if _, err := n.dev.Read(0, make([]byte, 1500)); !errors.Is(err, tun.ErrClosed) {
 		t.Fatalf("device read after Close: %v, want ErrClosed", err)

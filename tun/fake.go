@@ -25,14 +25,28 @@ import (
 //
 // Unlike the kernel, Fake never drops, so KernelTxDropped and KernelRxDropped
 // stay zero; the other counters follow the same rules as the real device.
+//
+// A Fake made by NewFakeGSO plays an offload device: GSO() is true and
+// WriteGSO takes large TCP segments and partial checksums, checking the
+// header as the kernel would (a header it refuses is an error for the
+// writer). Receive then returns what the kernel would put on the wire
+// (SegmentGSO: complete checksums, GSO segments cut to MSS-sized packets);
+// ReceiveGSO returns the packet as written with its header. Use one or the
+// other on a Fake.
 type Fake struct {
 	name string
 	mtu  int
+	gso  bool
 
 	rx     []chan []byte // per queue: packets for Baton's Read
-	tx     chan []byte   // packets Baton wrote, oldest first
+	tx     chan txPkt    // packets Baton wrote, oldest first
 	txFree chan []byte   // recycled MTU-sized buffers, so Write does not allocate
 	rr     atomic.Uint32 // round robin for non-IP packets
+
+	// wire holds the rest of a GSO packet Receive has cut into wire
+	// packets.
+	wireMu sync.Mutex
+	wire   [][]byte
 
 	closed    atomic.Bool
 	done      chan struct{}
@@ -42,6 +56,13 @@ type Fake struct {
 }
 
 var _ Device = (*Fake)(nil)
+
+// txPkt is one packet Baton wrote, with the virtio header it was written
+// with (zero for Write).
+type txPkt struct {
+	hdr VirtioNetHdr
+	buf []byte
+}
 
 // NewFake returns a Fake with the given name, MTU, number of queues and
 // queue depth (in packets). It panics on non-positive arguments: it is a test
@@ -54,7 +75,7 @@ func NewFake(name string, mtu, queues, depth int) *Fake {
 		name:   name,
 		mtu:    mtu,
 		rx:     make([]chan []byte, queues),
-		tx:     make(chan []byte, depth),
+		tx:     make(chan txPkt, depth),
 		txFree: make(chan []byte, depth),
 		done:   make(chan struct{}),
 		c:      make(counters, queues),
@@ -66,6 +87,13 @@ func NewFake(name string, mtu, queues, depth int) *Fake {
 		// Allocated lazily by the first Write that takes it, then reused.
 		f.txFree <- nil
 	}
+	return f
+}
+
+// NewFakeGSO is NewFake for a Fake that plays an offload device (see Fake).
+func NewFakeGSO(name string, mtu, queues, depth int) *Fake {
+	f := NewFake(name, mtu, queues, depth)
+	f.gso = true
 	return f
 }
 
@@ -107,6 +135,21 @@ func (f *Fake) Read(q int, buf []byte) (int, error) {
 
 // Write implements Device. It blocks while depth packets wait for Receive.
 func (f *Fake) Write(q int, pkt [][]byte) error {
+	return f.write(q, VirtioNetHdr{}, pkt)
+}
+
+// GSO implements Device: true for a Fake made by NewFakeGSO.
+func (f *Fake) GSO() bool { return f.gso }
+
+// WriteGSO implements Device. On a Fake made by NewFakeGSO the header is
+// checked against the packet as the kernel would (and a little more
+// strictly: see checkVirtioNetHdr); a refused header is a failed write
+// (TxErrors) returning the reason.
+func (f *Fake) WriteGSO(q int, hdr VirtioNetHdr, pkt [][]byte) error {
+	return f.write(q, hdr, pkt)
+}
+
+func (f *Fake) write(q int, hdr VirtioNetHdr, pkt [][]byte) error {
 	if uint(q) >= uint(len(f.rx)) {
 		return badQueue(f.name, q, len(f.rx))
 	}
@@ -118,7 +161,12 @@ func (f *Fake) Write(q int, pkt [][]byte) error {
 	for _, s := range pkt {
 		total += len(s)
 	}
-	if total == 0 || total > f.mtu {
+	zero := hdr == VirtioNetHdr{}
+	switch {
+	case !zero && !f.gso:
+		c.errors.Add(1)
+		return ErrNoGSO
+	case total == 0, zero && total > f.mtu, total > MaxGSOPacket:
 		c.errors.Add(1)
 		return ErrPacketSize
 	}
@@ -135,8 +183,15 @@ func (f *Fake) Write(q int, pkt [][]byte) error {
 	for _, s := range pkt {
 		buf = append(buf, s...)
 	}
+	if !zero {
+		if _, err := checkVirtioNetHdr(hdr, buf, f.mtu); err != nil {
+			f.txFree <- buf // never blocks: the buffer came from there
+			c.errors.Add(1)
+			return err
+		}
+	}
 	// Never blocks: there are only depth buffers and tx holds depth.
-	f.tx <- buf
+	f.tx <- txPkt{hdr, buf}
 	c.ok(total)
 	return nil
 }
@@ -184,21 +239,55 @@ func (f *Fake) DeliverTo(ctx context.Context, q int, pkt []byte) error {
 }
 
 // Receive plays the kernel taking the next packet Baton wrote (on any queue,
-// in write order). It returns a copy the caller owns, blocking until a packet
-// is written, ctx is done or the device is closed.
+// in write order) and putting it on the wire. It returns a copy the caller
+// owns, blocking until a packet is written, ctx is done or the device is
+// closed. A packet written with a virtio header comes out as SegmentGSO
+// makes it: complete checksums, and a GSO packet as several packets, returned
+// by this and the following calls.
 func (f *Fake) Receive(ctx context.Context) ([]byte, error) {
 	if f.closed.Load() {
 		return nil, ErrClosed
 	}
-	select {
-	case buf := <-f.tx:
-		pkt := bytes.Clone(buf)
-		f.txFree <- buf
+	f.wireMu.Lock()
+	if len(f.wire) > 0 {
+		pkt := f.wire[0]
+		f.wire[0] = nil
+		f.wire = f.wire[1:]
+		f.wireMu.Unlock()
 		return pkt, nil
+	}
+	f.wireMu.Unlock()
+	hdr, pkt, err := f.ReceiveGSO(ctx)
+	if err != nil || hdr == (VirtioNetHdr{}) {
+		return pkt, err
+	}
+	// WriteGSO checked the header: SegmentGSO cannot fail.
+	segs, err := SegmentGSO(hdr, pkt, f.mtu)
+	if err != nil {
+		return nil, fmt.Errorf("tun: fake %s: %w", f.name, err)
+	}
+	f.wireMu.Lock()
+	f.wire = append(f.wire, segs[1:]...)
+	f.wireMu.Unlock()
+	return segs[0], nil
+}
+
+// ReceiveGSO is Receive without playing the wire: it returns the next packet
+// exactly as Baton wrote it, with the virtio header it was written with
+// (zero for Write).
+func (f *Fake) ReceiveGSO(ctx context.Context) (VirtioNetHdr, []byte, error) {
+	if f.closed.Load() {
+		return VirtioNetHdr{}, nil, ErrClosed
+	}
+	select {
+	case p := <-f.tx:
+		pkt := bytes.Clone(p.buf)
+		f.txFree <- p.buf
+		return p.hdr, pkt, nil
 	case <-f.done:
-		return nil, ErrClosed
+		return VirtioNetHdr{}, nil, ErrClosed
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return VirtioNetHdr{}, nil, ctx.Err()
 	}
 }
 

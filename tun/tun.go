@@ -3,13 +3,23 @@
 // stack, plus the netlink plumbing that brings the device up and routes the
 // anycast prefixes into it.
 //
-// The package knows nothing about TCP, flows or gVisor. It moves whole IP
-// packets (no packet-information header, no virtio header) in both directions
-// and reports honestly what it could not move. It must not parse, rewrite or
-// buffer packets: that belongs to the stack and handoff layers above it.
+// The package knows nothing about flows or gVisor, and about TCP only what
+// the kernel does with a virtio header (segment.go). It moves whole IP
+// packets (no packet-information header) in both directions and reports
+// honestly what it could not move. It must not parse, rewrite or buffer
+// packets: that belongs to the stack and handoff layers above it.
 //
-// The OS details live in tun_linux.go (water + netlink); fake.go holds an
-// in-memory Device for tests.
+// Two kinds of device: the default one, opened with water, carries bare IP
+// packets; with Config.Offload the device is opened with IFF_VNET_HDR
+// (offload_linux.go explains why that one is not opened with water) and
+// WriteGSO can hand the kernel a TCP segment of up to 64 KiB with a partial
+// checksum, which the kernel forwards whole (segmentation offload, GSO)
+// instead of Baton writing one packet per 1500 bytes. The virtio header is
+// the device's business: Read still returns bare, complete IP packets.
+//
+// The OS details live in tun_linux.go (water + netlink) and offload_linux.go;
+// vnet.go and segment.go hold the virtio_net_hdr and what the kernel does
+// with it; fake.go holds an in-memory Device for tests.
 package tun
 
 import (
@@ -44,6 +54,23 @@ type Device interface {
 	// one packet (writev), on queue q. It blocks while the kernel cannot
 	// take the packet. It returns ErrClosed after Close.
 	Write(q int, pkt [][]byte) error
+
+	// GSO reports whether the device takes segmentation offload through
+	// WriteGSO (an offload device: Config.Offload). It never changes.
+	GSO() bool
+
+	// WriteGSO is Write with a virtio_net_hdr that tells the kernel how to
+	// finish the packet (see VirtioNetHdr): complete a partial TCP checksum
+	// (NEEDS_CSUM) and, with a GSO type, treat pkt as one TCP segment of up
+	// to MaxGSOPacket bytes to be cut into segments of GSOSize payload bytes
+	// when a device on the way needs it. Without a GSO type pkt must fit the
+	// MTU. It counts as one packet (of len(pkt) bytes) whatever the kernel
+	// makes of it.
+	//
+	// A device without GSO takes only the zero header (WriteGSO is then
+	// Write) and refuses any other with ErrNoGSO. A header the kernel
+	// refuses is a failed write (TxErrors), like any other.
+	WriteGSO(q int, hdr VirtioNetHdr, pkt [][]byte) error
 
 	// Stats returns the device's counters, including the kernel's own drop
 	// counters for the interface.
@@ -82,6 +109,12 @@ type Config struct {
 	// TxQueueLen is the kernel transmit queue length (packets waiting for
 	// Baton to read them); 0 keeps the kernel default.
 	TxQueueLen int
+	// Offload opens the device with a virtio_net_hdr (IFF_VNET_HDR) so that
+	// WriteGSO can pass large TCP segments and partial checksums to the
+	// kernel (GSO() is true). The kernel is offered no receive offloads,
+	// so Read returns complete packets of at most MTU bytes either way.
+	// Off by default: the default device is opened with water.
+	Offload bool
 }
 
 // Errors returned by devices.
@@ -92,6 +125,9 @@ var (
 	// ErrPacketSize is returned by Write for an empty packet or one larger
 	// than the MTU; nothing is sent and TxErrors counts it.
 	ErrPacketSize = errors.New("tun: packet empty or larger than the MTU")
+	// ErrNoGSO is returned by WriteGSO on a device without GSO for a
+	// non-zero header; nothing is sent and TxErrors counts it.
+	ErrNoGSO = errors.New("tun: device has no segmentation offload (open it with Offload)")
 )
 
 // Route is an anycast prefix routed into the device.

@@ -1,5 +1,5 @@
-// tun_linux.go: the real Device, a Linux TUN opened with water and
-// configured with netlink.
+// tun_linux.go: the real Device, a Linux TUN opened with water (or, with
+// Config.Offload, by offload_linux.go) and configured with netlink.
 
 //go:build linux
 
@@ -23,7 +23,8 @@ import (
 type device struct {
 	name   string
 	mtu    int
-	index  int // kernel link index, cached for Stats
+	vnet   bool // opened with IFF_VNET_HDR (Config.Offload): GSO() is true
+	index  int  // kernel link index, cached for Stats
 	queues []queue
 	c      counters
 
@@ -40,8 +41,9 @@ type device struct {
 }
 
 type queue struct {
-	// f is the *os.File water created: water opens /dev/net/tun O_NONBLOCK
-	// and wraps it with os.NewFile, so it is registered with the Go poller:
+	// f is the *os.File water (or openVnetQueue) created: /dev/net/tun
+	// opened O_NONBLOCK and wrapped with os.NewFile, so it is registered
+	// with the Go poller:
 	// a Read or Write that must wait parks its goroutine, not a thread, and
 	// Close wakes it. All I/O goes through rc so that the waiting is the
 	// poller's. Never call f.Fd(): it switches the descriptor to blocking.
@@ -88,14 +90,12 @@ func (d *device) open(cfg Config) error {
 		return fmt.Errorf("tun: look up %s: %w", cfg.Name, err)
 	}
 
-	wcfg := water.Config{DeviceType: water.TUN}
-	wcfg.Name = cfg.Name
-	wcfg.MultiQueue = cfg.Queues > 1
-	wcfg.Persist = false
 	for i := range cfg.Queues {
-		// (water leaks the descriptor when TUNSETIFF fails; the existence
-		// check above makes that the rare lost-race case.)
-		ifce, err := water.New(wcfg)
+		openQueue := openWaterQueue
+		if cfg.Offload {
+			openQueue = openVnetQueue
+		}
+		f, err := openQueue(cfg.Name, cfg.Queues > 1)
 		if err != nil {
 			// Lost a race with another creator: EBUSY when both are
 			// single-queue, EINVAL when the IFF_MULTI_QUEUE flags differ.
@@ -103,11 +103,6 @@ func (d *device) open(cfg Config) error {
 				return inUseError(cfg.Name)
 			}
 			return fmt.Errorf("tun: open %s queue %d: %w", cfg.Name, i, err)
-		}
-		f, ok := ifce.ReadWriteCloser.(*os.File)
-		if !ok { // cannot happen with water on Linux
-			ifce.Close()
-			return fmt.Errorf("tun: open %s: water returned %T, not *os.File", cfg.Name, ifce.ReadWriteCloser)
 		}
 		rc, err := f.SyscallConn()
 		if err != nil {
@@ -119,11 +114,12 @@ func (d *device) open(cfg Config) error {
 		// (a routing daemon, a hook script) would inherit the queue and
 		// keep the interface and its routes alive after we die. (A fork in
 		// the instant before this can still inherit it: water cannot be
-		// asked for O_CLOEXEC.)
+		// asked for O_CLOEXEC. The offload device is opened with it.)
 		if err := rc.Control(func(fd uintptr) { unix.CloseOnExec(int(fd)) }); err != nil {
 			return fmt.Errorf("tun: open %s queue %d: set close-on-exec: %w", cfg.Name, i, err)
 		}
 	}
+	d.vnet = cfg.Offload
 
 	link, err := d.h.LinkByName(cfg.Name)
 	if err != nil {
@@ -149,6 +145,28 @@ func (d *device) open(cfg Config) error {
 	return nil
 }
 
+// openWaterQueue opens one queue of the default device with water. water
+// opens /dev/net/tun O_NONBLOCK and wraps it with os.NewFile, so the file is
+// registered with the Go poller.
+func openWaterQueue(name string, multiQueue bool) (*os.File, error) {
+	wcfg := water.Config{DeviceType: water.TUN}
+	wcfg.Name = name
+	wcfg.MultiQueue = multiQueue
+	wcfg.Persist = false
+	// (water leaks the descriptor when TUNSETIFF fails; the existence
+	// check in open makes that the rare lost-race case.)
+	ifce, err := water.New(wcfg)
+	if err != nil {
+		return nil, err
+	}
+	f, ok := ifce.ReadWriteCloser.(*os.File)
+	if !ok { // cannot happen with water on Linux
+		ifce.Close()
+		return nil, fmt.Errorf("water returned %T, not *os.File", ifce.ReadWriteCloser)
+	}
+	return f, nil
+}
+
 // addrGenModeNone is IN6_ADDR_GEN_MODE_NONE from linux/if_link.h.
 const addrGenModeNone = 1
 
@@ -167,7 +185,12 @@ func (d *device) Name() string { return d.name }
 func (d *device) MTU() int     { return d.mtu }
 func (d *device) Queues() int  { return len(d.queues) }
 
-// Read implements Device.
+// Read implements Device. On an offload device each read also carries the
+// virtio_net_hdr, which Read strips: the kernel is offered no receive
+// offloads (offload_linux.go), so the header is always zero or says
+// DATA_VALID and the packet behind it is complete. A packet with a header
+// asking for more (a partial checksum, GSO) cannot be handed on as a bare IP
+// packet; Read drops it, counts an error and reads the next one.
 func (d *device) Read(q int, buf []byte) (int, error) {
 	if uint(q) >= uint(len(d.queues)) {
 		return 0, badQueue(d.name, q, len(d.queues))
@@ -177,27 +200,42 @@ func (d *device) Read(q int, buf []byte) (int, error) {
 	}
 	c := &d.c[q].rx
 	r := readers.Get().(*reader)
-	r.iov[0] = buf
-	err := d.queues[q].rc.Read(r.fn)
-	n, rerr := r.n, r.err
-	r.iov[0], r.err = nil, nil // do not pin the caller's buffer in the pool
-	readers.Put(r)
-	if err == nil {
-		err = rerr
+	defer func() {
+		r.iov[1], r.err = nil, nil // do not pin the caller's buffer in the pool
+		readers.Put(r)
+	}()
+	r.iov[1] = buf
+	r.use = r.iov[1:]
+	if d.vnet {
+		r.use = r.iov[:]
 	}
-	if err != nil {
-		if d.closed.Load() || errors.Is(err, os.ErrClosed) || errors.Is(err, unix.EBADF) {
-			return 0, ErrClosed
+	for {
+		err := d.queues[q].rc.Read(r.fn)
+		n, rerr := r.n, r.err
+		if err == nil {
+			err = rerr
 		}
-		c.errors.Add(1)
-		return 0, fmt.Errorf("tun: read %s queue %d: %w", d.name, q, err)
+		if err != nil {
+			if d.closed.Load() || errors.Is(err, os.ErrClosed) || errors.Is(err, unix.EBADF) {
+				return 0, ErrClosed
+			}
+			c.errors.Add(1)
+			return 0, fmt.Errorf("tun: read %s queue %d: %w", d.name, q, err)
+		}
+		if d.vnet {
+			if n < VirtioNetHdrLen || r.hdr[0]&VirtioNetHdrFNeedsCsum != 0 || r.hdr[1] != VirtioNetHdrGSONone {
+				c.errors.Add(1)
+				continue
+			}
+			n -= VirtioNetHdrLen
+		}
+		if n > len(buf) {
+			c.errors.Add(1)
+			return len(buf), ErrTruncated
+		}
+		c.ok(n)
+		return n, nil
 	}
-	if n > len(buf) {
-		c.errors.Add(1)
-		return len(buf), ErrTruncated
-	}
-	c.ok(n)
-	return n, nil
 }
 
 // reader carries one readv through RawConn.Read (pooled for the same reason
@@ -205,9 +243,12 @@ func (d *device) Read(q int, buf []byte) (int, error) {
 // what fits and returns len(buf), discarding the rest (measured on 6.18), so
 // a plain read cannot tell a truncated packet from one that fits exactly.
 // Reading into the caller's buffer plus a one-byte spill slice can: n >
-// len(buf) means the packet did not fit.
+// len(buf) means the packet did not fit. An offload device reads its
+// virtio_net_hdr into hdr first.
 type reader struct {
-	iov   [2][]byte // caller's buffer, spill
+	hdr   [VirtioNetHdrLen]byte
+	iov   [3][]byte // virtio header, caller's buffer, spill
+	use   [][]byte  // iov[1:] (bare packets) or iov[:] (offload device)
 	spill [1]byte
 	n     int
 	err   error
@@ -216,7 +257,8 @@ type reader struct {
 
 var readers = sync.Pool{New: func() any {
 	r := new(reader)
-	r.iov[1] = r.spill[:]
+	r.iov[0] = r.hdr[:]
+	r.iov[2] = r.spill[:]
 	r.fn = r.readv
 	return r
 }}
@@ -225,7 +267,7 @@ var readers = sync.Pool{New: func() any {
 // the poller until the queue has a packet (or the file is closed).
 func (r *reader) readv(fd uintptr) bool {
 	for {
-		r.n, r.err = unix.Readv(int(fd), r.iov[:])
+		r.n, r.err = unix.Readv(int(fd), r.use)
 		if r.err != unix.EINTR {
 			return r.err != unix.EAGAIN
 		}
@@ -235,8 +277,11 @@ func (r *reader) readv(fd uintptr) bool {
 // writer carries one writev through RawConn.Write. RawConn.Write takes a
 // func; a closure over the packet would escape and cost an allocation per
 // packet, so the func is a method value bound once and the writers are
-// pooled.
+// pooled. On an offload device the iovecs are the encoded virtio_net_hdr
+// followed by the packet's slices, gathered in vec.
 type writer struct {
+	hdr [VirtioNetHdrLen]byte
+	vec [][]byte
 	iov [][]byte
 	n   int
 	err error
@@ -264,6 +309,30 @@ func (w *writer) writev(fd uintptr) bool {
 
 // Write implements Device.
 func (d *device) Write(q int, pkt [][]byte) error {
+	return d.write(q, VirtioNetHdr{}, pkt)
+}
+
+// GSO implements Device: true for an offload device.
+func (d *device) GSO() bool { return d.vnet }
+
+// WriteGSO implements Device.
+func (d *device) WriteGSO(q int, hdr VirtioNetHdr, pkt [][]byte) error {
+	if !d.vnet && hdr != (VirtioNetHdr{}) {
+		if uint(q) >= uint(len(d.queues)) {
+			return badQueue(d.name, q, len(d.queues))
+		}
+		if d.closed.Load() {
+			return ErrClosed
+		}
+		d.c[q].tx.errors.Add(1)
+		return ErrNoGSO
+	}
+	return d.write(q, hdr, pkt)
+}
+
+// write writes pkt on queue q, behind hdr on an offload device (hdr is zero
+// on the other).
+func (d *device) write(q int, hdr VirtioNetHdr, pkt [][]byte) error {
 	if uint(q) >= uint(len(d.queues)) {
 		return badQueue(d.name, q, len(d.queues))
 	}
@@ -275,26 +344,39 @@ func (d *device) Write(q int, pkt [][]byte) error {
 	for _, s := range pkt {
 		total += len(s)
 	}
-	if total == 0 || total > d.mtu {
+	limit := d.mtu
+	if hdr.gso() {
+		limit = MaxGSOPacket
+	}
+	if total == 0 || total > limit {
 		c.errors.Add(1)
 		return ErrPacketSize
 	}
 	w := writers.Get().(*writer)
-	w.iov = pkt
+	want := total
+	if d.vnet {
+		hdr.encode(&w.hdr)
+		w.vec = append(append(w.vec[:0], w.hdr[:]), pkt...)
+		w.iov = w.vec
+		want += VirtioNetHdrLen
+	} else {
+		w.iov = pkt
+	}
 	err := d.queues[q].rc.Write(w.fn)
 	n, werr := w.n, w.err
-	w.iov, w.err = nil, nil // do not pin the caller's buffers in the pool
+	clear(w.vec) // do not pin the caller's buffers in the pool
+	w.vec, w.iov, w.err = w.vec[:0], nil, nil
 	writers.Put(w)
 	if err == nil {
 		err = werr
 	}
 	switch {
-	case err == nil && n == total:
-		c.ok(n)
+	case err == nil && n == want:
+		c.ok(total)
 		return nil
 	case err == nil:
 		c.errors.Add(1)
-		return fmt.Errorf("tun: write %s queue %d: short write, %d of %d bytes", d.name, q, n, total)
+		return fmt.Errorf("tun: write %s queue %d: short write, %d of %d bytes", d.name, q, n, want)
 	case d.closed.Load() || errors.Is(err, os.ErrClosed) || errors.Is(err, unix.EBADF):
 		// RawConn.Write reports a closed file with an internal error
 		// value, hence the flag.

@@ -397,12 +397,17 @@ func TestMultiqueueFlowFollowsWrites(t *testing.T) {
 // is forwarded by the kernel straight back into the TUN: a write+read round
 // trip through the kernel with no socket involved.
 func loopNS(t testing.TB) Device {
+	return loopNSConfig(t, Config{Name: "bt0", MTU: 1500, Queues: 1})
+}
+
+// loopNSConfig is loopNS with a device opened with cfg (named bt0).
+func loopNSConfig(t testing.TB, cfg Config) Device {
 	ns := newTestNS(t)
 	ns.sysctl(t, "net/ipv4/conf/all/rp_filter", "0")
 	ns.sysctl(t, "net/ipv4/conf/default/rp_filter", "0")
 	ns.sysctl(t, "net/ipv4/ip_forward", "1")
 	ns.sysctl(t, "net/ipv6/conf/default/disable_ipv6", "1")
-	dev := ns.open(t, Config{Name: "bt0", MTU: 1500, Queues: 1})
+	dev := ns.open(t, cfg)
 	ns.addRoute(t, anycast.Addr().String()+"/32", "bt0")
 	return dev
 }

@@ -43,6 +43,9 @@ type TUNConfig struct {
 	MTU        int    `yaml:"mtu"`
 	Queues     int    `yaml:"queues"`
 	TxQueueLen int    `yaml:"txqueuelen"`
+	// Offload opens the TUN with a virtio header so gVisor's TCP can hand
+	// the kernel 64 KiB segments (tun.Config.Offload). Flag -tun-offload.
+	Offload bool `yaml:"offload"`
 }
 
 // ServiceConfig is one service on one port.
@@ -97,6 +100,7 @@ func loadConfig(args []string, stderr io.Writer) (*Config, error) {
 		mtu        = fs.Int("mtu", cfg.TUN.MTU, "TUN MTU in bytes")
 		queues     = fs.Int("queues", cfg.TUN.Queues, "TUN queues (more than 1 enables multiqueue, one reader each)")
 		txqlen     = fs.Int("txqueuelen", cfg.TUN.TxQueueLen, "kernel queue length of the TUN in packets")
+		tunOffload = fs.Bool("tun-offload", cfg.TUN.Offload, "open the TUN with segmentation offload (IFF_VNET_HDR): TCP sends 64 KiB segments to the kernel")
 		svcs       = fs.String("services", formatServices(cfg.Service), "services as name=port,... (known: "+strings.Join(serviceNames(), ", ")+")")
 		admin      = fs.String("admin", "", "admin API address: unix:/path or host:port (default unix:/run/baton/<node>.sock)")
 		metrics    = fs.String("metrics", cfg.Metrics, "Prometheus metrics listen address (empty disables)")
@@ -138,6 +142,8 @@ func loadConfig(args []string, stderr io.Writer) (*Config, error) {
 			cfg.TUN.Queues = *queues
 		case "txqueuelen":
 			cfg.TUN.TxQueueLen = *txqlen
+		case "tun-offload":
+			cfg.TUN.Offload = *tunOffload
 		case "services":
 			s, err := parseServices(*svcs)
 			if err != nil && ferr == nil {

@@ -130,6 +130,7 @@ func (d *daemon) start() error {
 	}
 	dev, err := tun.Open(tun.Config{
 		Name: cfg.TUN.Name, MTU: cfg.TUN.MTU, Queues: cfg.TUN.Queues, TxQueueLen: cfg.TUN.TxQueueLen,
+		Offload: cfg.TUN.Offload,
 	})
 	if errors.Is(err, tun.ErrInUse) {
 		return fmt.Errorf("tun.name: interface %s already exists (in use by another process?)", cfg.TUN.Name)
@@ -169,7 +170,7 @@ func (d *daemon) start() error {
 	}
 	d.state.set(batonv1.NodeState_NODE_STATE_SERVING)
 	d.log.Info("serving", "node", cfg.Node, "anycast", cfg.Anycast, "tun", cfg.TUN.Name,
-		"mtu", cfg.TUN.MTU, "queues", cfg.TUN.Queues, "services", formatServices(cfg.Service),
+		"mtu", cfg.TUN.MTU, "queues", cfg.TUN.Queues, "tun_offload", cfg.TUN.Offload, "services", formatServices(cfg.Service),
 		"admin", cfg.Admin, "metrics", cfg.Metrics)
 	return nil
 }

@@ -10,9 +10,17 @@ package main
 //     the node's eth0 address port 9000, served by services.NewStream() in
 //     goroutines of this process.
 //
-// Figures: single-flow download Gb/s (median of -runs alternating runs per
-// server), new connections per second with a pool of workers, and a CPU
-// profile of batond during a single-flow download. The report is in
+// Baton is measured with each TUN device of -tun (both by default, side by
+// side in one run): "water", the default device (bare IP packets, one
+// write per packet), and "offload", batond -tun-offload (virtio header,
+// gVisor's TCP writes 64 KiB segments that the kernel forwards whole).
+// batond is restarted with the other device between runs; the runs of each
+// round are interleaved (water, kernel, offload, then the reverse), so all
+// three see the same machine conditions.
+//
+// Figures: single-flow download Gb/s (median of -runs rounds per server),
+// new connections per second with a pool of workers, and a CPU profile of
+// batond during a single-flow download with each device. The report is in
 // benchreport.go.
 
 import (
@@ -26,6 +34,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -40,6 +49,9 @@ const (
 	// targetSingleFlow is the issue's target for single-flow throughput,
 	// as a fraction of the kernel's, at MTU 1500.
 	targetSingleFlow = 0.5
+	// The TUN devices batond is measured with (-tun).
+	tunWater   = "water"
+	tunOffload = "offload"
 	// metricsAddr is where lab.BatondArgs puts batond's metrics (and, with
 	// -pprof, /debug/pprof), on the node namespace's loopback.
 	metricsAddr = "127.0.0.1:9470"
@@ -57,6 +69,7 @@ type benchOpts struct {
 	workers  int
 	ipv6     bool
 	profile  time.Duration
+	tuns     []string // tunWater and/or tunOffload, in measuring order
 }
 
 func parseBenchArgs(args []string) (benchOpts, *flag.FlagSet, error) {
@@ -69,9 +82,18 @@ func parseBenchArgs(args []string) (benchOpts, *flag.FlagSet, error) {
 	fs.IntVar(&o.runs, "runs", 3, "single-flow runs per server (alternating); the median is reported")
 	fs.IntVar(&o.workers, "workers", 8, "concurrent workers in the connection-rate runs")
 	fs.BoolVar(&o.ipv6, "v6", true, "also measure single-flow throughput over IPv6")
-	fs.DurationVar(&o.profile, "profile", 5*time.Second, "length of the batond CPU profile (0 skips it)")
+	fs.DurationVar(&o.profile, "profile", 5*time.Second, "length of each batond CPU profile (0 skips them)")
+	tun := fs.String("tun", "both", "TUN device(s) to measure batond with: water (default device), offload (batond -tun-offload) or both, side by side")
 	if err := parseFlags(fs, args); err != nil {
 		return o, fs, err
+	}
+	switch *tun {
+	case "both":
+		o.tuns = []string{tunWater, tunOffload}
+	case tunWater, tunOffload:
+		o.tuns = []string{*tun}
+	default:
+		return o, fs, fmt.Errorf("-tun: %q is not water, offload or both", *tun)
 	}
 	minMTU := 576
 	if o.ipv6 {
@@ -118,12 +140,12 @@ func runBench(args []string) int {
 
 // Results is what bench measures; it is written as JSON to -out.
 type Results struct {
-	Date    string         `json:"date"`
-	Machine Machine        `json:"machine"`
-	Config  BenchConfig    `json:"config"`
-	Single  []SingleFlow   `json:"single_flow"`
-	Conns   *ConnRate      `json:"conn_rate,omitempty"`
-	Profile *ProfileResult `json:"profile,omitempty"`
+	Date    string          `json:"date"`
+	Machine Machine         `json:"machine"`
+	Config  BenchConfig     `json:"config"`
+	Single  []SingleFlow    `json:"single_flow"`
+	Conns   *ConnRate       `json:"conn_rate,omitempty"`
+	Profile []ProfileResult `json:"profiles,omitempty"`
 	// Crashes lists every time batond died during the run (it is then
 	// restarted so the remaining figures can still be taken). Must be empty.
 	Crashes []string `json:"batond_crashes"`
@@ -138,23 +160,33 @@ type BenchConfig struct {
 	DurationS      float64 `json:"run_duration_s"`
 	Runs           int     `json:"runs_per_server"`
 	Workers        int     `json:"conn_workers"`
-	Lab            string  `json:"lab"`
-	Path           string  `json:"path"`
-	ConnPorts      string  `json:"conn_source_ports"`
+	// TUNs are the devices batond was measured with: "water" (default)
+	// and/or "offload" (-tun-offload).
+	TUNs      []string `json:"tuns"`
+	RunOrder  string   `json:"run_order"`
+	Lab       string   `json:"lab"`
+	Path      string   `json:"path"`
+	ConnPorts string   `json:"conn_source_ports"`
 }
 
 // SingleFlow is the single-flow download figure for one address family.
 type SingleFlow struct {
-	Family       string    `json:"family"`
-	BatonAddr    string    `json:"baton_addr"`
-	KernelAddr   string    `json:"kernel_addr"`
-	BatonGbps    []float64 `json:"baton_gbps"`
-	KernelGbps   []float64 `json:"kernel_gbps"`
-	BatonMedian  float64   `json:"baton_median_gbps"`
-	KernelMedian float64   `json:"kernel_median_gbps"`
-	Ratio        float64   `json:"ratio"`
-	Target       float64   `json:"target_ratio"`
-	MeetsTarget  bool      `json:"meets_target"`
+	Family       string      `json:"family"`
+	BatonAddr    string      `json:"baton_addr"`
+	KernelAddr   string      `json:"kernel_addr"`
+	KernelGbps   []float64   `json:"kernel_gbps"`
+	KernelMedian float64     `json:"kernel_median_gbps"`
+	Baton        []BatonFlow `json:"baton"` // one per TUN device
+	Target       float64     `json:"target_ratio"`
+}
+
+// BatonFlow is batond's single-flow figure with one TUN device.
+type BatonFlow struct {
+	TUN         string    `json:"tun"`
+	Gbps        []float64 `json:"gbps"`
+	Median      float64   `json:"median_gbps"`
+	Ratio       jfloat    `json:"ratio"` // median / kernel median
+	MeetsTarget bool      `json:"meets_target"`
 }
 
 // ConnSide is one server's connection-rate result.
@@ -171,17 +203,24 @@ type ConnSide struct {
 	TimeWaitReconnect string `json:"time_wait_reconnect"`
 }
 
-// ConnRate is the new-connections-per-second figure.
-type ConnRate struct {
-	Family  string   `json:"family"`
-	Workers int      `json:"workers"`
-	Baton   ConnSide `json:"baton"`
-	Kernel  ConnSide `json:"kernel"`
-	Ratio   float64  `json:"ratio"`
+// BatonConns is batond's connection-rate result with one TUN device.
+type BatonConns struct {
+	TUN string `json:"tun"`
+	ConnSide
+	Ratio jfloat `json:"ratio"` // conns/s / the kernel's
 }
 
-// ProfileResult describes the CPU profile of batond.
+// ConnRate is the new-connections-per-second figure.
+type ConnRate struct {
+	Family  string       `json:"family"`
+	Workers int          `json:"workers"`
+	Baton   []BatonConns `json:"baton"`
+	Kernel  ConnSide     `json:"kernel"`
+}
+
+// ProfileResult describes a CPU profile of batond.
 type ProfileResult struct {
+	TUN       string   `json:"tun"`
 	File      string   `json:"file"`
 	Seconds   float64  `json:"seconds"`
 	LoadGbps  float64  `json:"download_gbps_while_profiling"`
@@ -191,12 +230,27 @@ type ProfileResult struct {
 	ToolError string   `json:"tool_error,omitempty"`
 }
 
+// roundOrder is the order of the servers in round k (0-based): the TUN
+// devices in turn, reversed every other round, with the kernel after the
+// first one ("water kernel offload", then "offload kernel water"), so that
+// batond is restarted once per round and every server sees the others'
+// conditions on both sides.
+func roundOrder(tuns []string, k int) []string {
+	order := append([]string(nil), tuns...)
+	if k%2 == 1 {
+		slices.Reverse(order)
+	}
+	return slices.Insert(order, 1, "kernel")
+}
+
 func bench(ctx context.Context, o benchOpts) (err error) {
 	res := &Results{
 		Date:    time.Now().UTC().Format(time.RFC3339),
 		Machine: machineFacts(),
 		Config: BenchConfig{
 			Batond: o.batond, MTU: o.mtu, DurationS: o.duration.Seconds(), Runs: o.runs, Workers: o.workers,
+			TUNs:      o.tuns,
+			RunOrder:  "rounds of " + strings.Join(roundOrder(o.tuns, 0), ", ") + ", the TUN devices reversed every other round; batond restarted with the next device when it changes",
 			Path:      "client netns -> router netns (veth, forwarding) -> node netns eth0; Baton: -> any0 TUN -> batond (gVisor); kernel: local TCP socket",
 			ConnPorts: fmt.Sprintf("one new port per connection, %d..65535 in turn (no 4-tuple reused within a run below 64512 connections)", connFirstPort),
 		},
@@ -220,12 +274,13 @@ func bench(ctx context.Context, o benchOpts) (err error) {
 			return err
 		}
 	}
-	nd := &nodeDaemon{l: l, bin: o.batond, extra: []string{"-pprof", "-mtu", strconv.Itoa(o.mtu)}}
-	procs, err := startNodes(ctx, l, o.batond, nd.extra...)
+	nd := &nodeDaemon{l: l, bin: o.batond, base: []string{"-pprof", "-mtu", strconv.Itoa(o.mtu)}, tun: o.tuns[0], crashes: []string{}}
+	procs, err := startNodes(ctx, l, o.batond, nd.args()...)
 	if err != nil {
 		return err
 	}
 	nd.proc = procs[0]
+	fmt.Printf("    with TUN device %s\n", nd.tun)
 	res.Crashes = []string{}
 	defer func() { res.Crashes = nd.crashes }()
 	node := l.Nodes[0]
@@ -248,57 +303,83 @@ func bench(ctx context.Context, o benchOpts) (err error) {
 	if o.ipv6 {
 		pairs = append(pairs, pair{"IPv6", netip.AddrPortFrom(l.Anycast6, streamPort), netip.AddrPortFrom(node.Addr6, streamPort)})
 	}
+	// The round counter runs on across families (and into the
+	// connection-rate runs), so that each starts with the device the
+	// previous one ended with.
+	round := 0
 	for _, p := range pairs {
 		sf := SingleFlow{Family: p.family, BatonAddr: p.baton.String(), KernelAddr: p.kernel.String(), Target: targetSingleFlow}
-		for r := 1; r <= o.runs; r++ {
-			for _, side := range []struct {
-				name string
-				addr netip.AddrPort
-				out  *[]float64
-			}{{"baton", p.baton, &sf.BatonGbps}, {"kernel", p.kernel, &sf.KernelGbps}} {
-				dr, err := discardStream(ctx, l.Client, side.addr, uint64(r), o.duration)
+		byTUN := map[string]*[]float64{}
+		for _, t := range o.tuns {
+			sf.Baton = append(sf.Baton, BatonFlow{TUN: t})
+		}
+		for i := range sf.Baton {
+			byTUN[sf.Baton[i].TUN] = &sf.Baton[i].Gbps
+		}
+		for r := 1; r <= o.runs; r, round = r+1, round+1 {
+			for _, server := range roundOrder(o.tuns, round) {
+				name, addr, out := "kernel", p.kernel, &sf.KernelGbps
+				if server != "kernel" {
+					if err := nd.use(ctx, server); err != nil {
+						return err
+					}
+					name, addr, out = "baton/"+server, p.baton, byTUN[server]
+				}
+				dr, err := discardStream(ctx, l.Client, addr, uint64(r), o.duration)
 				if err != nil {
-					return fmt.Errorf("single flow %s %s run %d: %w", p.family, side.name, r, err)
+					return fmt.Errorf("single flow %s %s run %d: %w", p.family, name, r, err)
 				}
 				g := gbps(dr.Bytes, dr.Elapsed)
-				*side.out = append(*side.out, g)
-				fmt.Printf("single flow %s run %d/%d %-6s %-24s %6.2f Gb/s (%s in %.1fs)\n",
-					p.family, r, o.runs, side.name, side.addr, g, formatSize(uint64(dr.Bytes)), dr.Elapsed.Seconds())
+				*out = append(*out, g)
+				fmt.Printf("single flow %s run %d/%d %-14s %-24s %6.2f Gb/s (%s in %.1fs)\n",
+					p.family, r, o.runs, name, addr, g, formatSize(uint64(dr.Bytes)), dr.Elapsed.Seconds())
 				if err := settle(ctx); err != nil {
 					return err
 				}
-				if err := nd.check(ctx, fmt.Sprintf("single flow %s %s run %d", p.family, side.name, r), true); err != nil {
+				if err := nd.check(ctx, fmt.Sprintf("single flow %s %s run %d", p.family, name, r), true); err != nil {
 					return err
 				}
 			}
 		}
-		sf.BatonMedian, sf.KernelMedian = median(sf.BatonGbps), median(sf.KernelGbps)
-		sf.Ratio = ratio(sf.BatonMedian, sf.KernelMedian)
-		sf.MeetsTarget = sf.Ratio >= sf.Target
+		sf.KernelMedian = median(sf.KernelGbps)
+		for i := range sf.Baton {
+			b := &sf.Baton[i]
+			b.Median = median(b.Gbps)
+			b.Ratio = jfloat(ratio(b.Median, sf.KernelMedian))
+			b.MeetsTarget = float64(b.Ratio) >= sf.Target
+		}
 		res.Single = append(res.Single, sf)
 	}
 
 	cr := &ConnRate{Family: "IPv4", Workers: o.workers}
-	for _, side := range []struct {
-		name string
-		addr netip.AddrPort
-		out  *ConnSide
-	}{{"baton", pairs[0].baton, &cr.Baton}, {"kernel", pairs[0].kernel, &cr.Kernel}} {
-		r, lastPort := connLoop(ctx, l.Client, side.addr, o.workers, o.duration, connFirstPort)
+	for _, server := range roundOrder(o.tuns, round) {
+		name, addr := "kernel", pairs[0].kernel
+		if server != "kernel" {
+			if err := nd.use(ctx, server); err != nil {
+				return err
+			}
+			name, addr = "baton/"+server, pairs[0].baton
+		}
+		r, lastPort := connLoop(ctx, l.Client, addr, o.workers, o.duration, connFirstPort)
 		if err := ctx.Err(); err != nil {
 			return err
 		}
 		tw := "ok"
-		if err := twProbe(ctx, l.Client, side.addr, lastPort, 3*time.Second); err != nil {
+		if err := twProbe(ctx, l.Client, addr, lastPort, 3*time.Second); err != nil {
 			tw = err.Error()
 		}
-		*side.out = ConnSide{
+		side := ConnSide{
 			Conns: r.Conns, Failures: r.Failures, PerSec: r.PerSecond(), Errors: r.Errors,
 			P50ms: ms(percentile(r.Latency, 50)), P99ms: ms(percentile(r.Latency, 99)),
 			TimeWaitReconnect: tw,
 		}
-		fmt.Printf("new connections IPv4 %-6s %-24s %8.0f conn/s (%d in %.1fs, %d failed, p50 %.2f ms, p99 %.2f ms)\n",
-			side.name, side.addr, r.PerSecond(), r.Conns, r.Elapsed.Seconds(), r.Failures, side.out.P50ms, side.out.P99ms)
+		if server == "kernel" {
+			cr.Kernel = side
+		} else {
+			cr.Baton = append(cr.Baton, BatonConns{TUN: server, ConnSide: side})
+		}
+		fmt.Printf("new connections IPv4 %-14s %-24s %8.0f conn/s (%d in %.1fs, %d failed, p50 %.2f ms, p99 %.2f ms)\n",
+			name, addr, r.PerSecond(), r.Conns, r.Elapsed.Seconds(), r.Failures, side.P50ms, side.P99ms)
 		for _, e := range r.Errors {
 			fmt.Printf("    error: %s\n", e)
 		}
@@ -306,25 +387,44 @@ func bench(ctx context.Context, o benchOpts) (err error) {
 		if err := settle(ctx); err != nil {
 			return err
 		}
-		if err := nd.check(ctx, "new connections "+side.name, true); err != nil {
+		if err := nd.check(ctx, "new connections "+name, true); err != nil {
 			return err
 		}
 	}
-	cr.Ratio = ratio(cr.Baton.PerSec, cr.Kernel.PerSec)
+	// Report the devices in -tun order.
+	slices.SortStableFunc(cr.Baton, func(a, b BatonConns) int {
+		return slices.Index(o.tuns, a.TUN) - slices.Index(o.tuns, b.TUN)
+	})
+	for i := range cr.Baton {
+		cr.Baton[i].Ratio = jfloat(ratio(cr.Baton[i].PerSec, cr.Kernel.PerSec))
+	}
 	res.Conns = cr
 
 	if o.profile > 0 {
-		pr, err := profileBatond(ctx, l, pairs[0].baton, o)
-		if err != nil {
-			return fmt.Errorf("profile: %w", err)
+		// Profile the device batond runs with first: one restart less.
+		order := slices.Clone(o.tuns)
+		if order[0] != nd.tun {
+			slices.Reverse(order)
 		}
-		res.Profile = pr
-		if err := settle(ctx); err != nil {
-			return err
+		for i, t := range order {
+			if err := nd.use(ctx, t); err != nil {
+				return err
+			}
+			pr, err := profileBatond(ctx, l, pairs[0].baton, o, t)
+			if err != nil {
+				return fmt.Errorf("profile (TUN %s): %w", t, err)
+			}
+			res.Profile = append(res.Profile, *pr)
+			if err := settle(ctx); err != nil {
+				return err
+			}
+			if err := nd.check(ctx, "the profiled download (TUN "+t+")", i < len(order)-1); err != nil {
+				return err
+			}
 		}
-		if err := nd.check(ctx, "the profiled download", false); err != nil {
-			return err
-		}
+		slices.SortStableFunc(res.Profile, func(a, b ProfileResult) int {
+			return slices.Index(o.tuns, a.TUN) - slices.Index(o.tuns, b.TUN)
+		})
 	}
 	res.Crashes = nd.crashes
 
@@ -334,8 +434,8 @@ func bench(ctx context.Context, o benchOpts) (err error) {
 		return err
 	}
 	fmt.Printf("\nresults written to %s\n", o.out)
-	if res.Profile != nil {
-		printProfile(res.Profile)
+	for i := range res.Profile {
+		printProfile(&res.Profile[i])
 	}
 	if len(res.Crashes) > 0 {
 		fmt.Printf("\nbatond CRASHED %d time(s) during the benchmark (restarted each time; figures are reported anyway):\n", len(res.Crashes))
@@ -348,15 +448,47 @@ func bench(ctx context.Context, o benchOpts) (err error) {
 	return nil
 }
 
-// nodeDaemon is the benchmark's batond on node 0. check notices a batond
+// nodeDaemon is the benchmark's batond on node 0, running with the TUN
+// device tun. use restarts it with another device; check notices a batond
 // that died (say, on a client closing mid-stream), records why, and starts
 // a new one so the remaining figures can still be measured.
 type nodeDaemon struct {
 	l       *lab.Lab
 	bin     string
-	extra   []string
+	base    []string // batond arguments for every device
+	tun     string   // tunWater or tunOffload
 	proc    *lab.Proc
 	crashes []string
+}
+
+// args returns batond's extra arguments for the current device.
+func (n *nodeDaemon) args() []string {
+	a := slices.Clone(n.base)
+	if n.tun == tunOffload {
+		a = append(a, "-tun-offload")
+	}
+	return a
+}
+
+// use makes sure batond runs with TUN device tun, stopping it (SIGTERM)
+// and starting it again with the device's arguments if needed.
+func (n *nodeDaemon) use(ctx context.Context, tun string) error {
+	if n.tun == tun && n.proc != nil && !n.proc.Exited() {
+		return nil
+	}
+	if n.proc != nil && !n.proc.Exited() {
+		if err := n.proc.Stop(); err != nil {
+			return fmt.Errorf("stopping batond: %w", err)
+		}
+	}
+	n.tun = tun
+	p, err := n.l.StartBatond(ctx, n.bin, 0, n.args()...)
+	if err != nil {
+		return fmt.Errorf("starting batond with TUN %s: %w", tun, err)
+	}
+	n.proc = p
+	fmt.Printf("    batond restarted with TUN device %s: pid %d\n", tun, p.PID())
+	return nil
 }
 
 func (n *nodeDaemon) check(ctx context.Context, after string, restart bool) error {
@@ -364,12 +496,12 @@ func (n *nodeDaemon) check(ctx context.Context, after string, restart bool) erro
 		return nil
 	}
 	why := crashSummary(n.proc)
-	n.crashes = append(n.crashes, "after "+after+": "+why)
+	n.crashes = append(n.crashes, "after "+after+" (TUN "+n.tun+"): "+why)
 	fmt.Printf("WARNING: batond died after %s: %s\n    log: %s\n", after, why, n.proc.LogPath())
 	if !restart {
 		return nil
 	}
-	p, err := n.l.StartBatond(ctx, n.bin, 0, n.extra...)
+	p, err := n.l.StartBatond(ctx, n.bin, 0, n.args()...)
 	if err != nil {
 		return fmt.Errorf("restarting batond: %w", err)
 	}
@@ -478,10 +610,14 @@ func (ks *kernelServer) Close() {
 
 // profileBatond downloads from batond while it fetches a CPU profile from
 // batond's /debug/pprof (on the node namespace's loopback), and saves it
-// next to the JSON results.
-func profileBatond(ctx context.Context, l *lab.Lab, server netip.AddrPort, o benchOpts) (*ProfileResult, error) {
+// next to the JSON results: <name>.cpu.pprof for the default TUN device,
+// <name>.offload.cpu.pprof for the offload device.
+func profileBatond(ctx context.Context, l *lab.Lab, server netip.AddrPort, o benchOpts, tun string) (*ProfileResult, error) {
 	node := l.Nodes[0]
 	file := strings.TrimSuffix(o.out, ".json") + ".cpu.pprof"
+	if tun != tunWater {
+		file = strings.TrimSuffix(o.out, ".json") + "." + tun + ".cpu.pprof"
+	}
 	if err := os.MkdirAll(filepath.Dir(file), 0o755); err != nil {
 		return nil, err
 	}
@@ -500,7 +636,7 @@ func profileBatond(ctx context.Context, l *lab.Lab, server netip.AddrPort, o ben
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	fmt.Printf("profiling batond for %v during a single-flow download...\n", o.profile)
+	fmt.Printf("profiling batond (TUN %s) for %v during a single-flow download...\n", tun, o.profile)
 	client := &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			return node.Dial(ctx, "tcp", addr, 0)
@@ -537,7 +673,7 @@ func profileBatond(ctx context.Context, l *lab.Lab, server netip.AddrPort, o ben
 	if d.err != nil {
 		return nil, fmt.Errorf("download while profiling: %w", d.err)
 	}
-	pr := &ProfileResult{File: file, Seconds: float64(secs), LoadGbps: gbps(d.r.Bytes, d.r.Elapsed)}
+	pr := &ProfileResult{TUN: tun, File: file, Seconds: float64(secs), LoadGbps: gbps(d.r.Bytes, d.r.Elapsed)}
 	fmt.Printf("profile saved to %s (download ran at %.2f Gb/s meanwhile)\n", file, pr.LoadGbps)
 	pr.TopFlat, pr.TopCum, pr.ViewHint, pr.ToolError = pprofTop(o.batond, file)
 	return pr, nil

@@ -110,39 +110,93 @@ func orDash(s string) string {
 func printResults(r *Results) {
 	t := resultsTable(r)
 	m := r.Machine
-	fmt.Printf("Baton vs Linux kernel, same path (client -> router -> node), same stream service code\n")
+	fmt.Printf("Baton (TUN device: %s) vs Linux kernel, same path (client -> router -> node), same stream service code\n",
+		strings.Join(r.Config.TUNs, ", "))
 	fmt.Printf("machine: %s, %d cores, Linux %s, %s; MTU %d\n\n", m.CPU, m.Cores, m.Kernel, m.Go, r.Config.MTU)
 	fmt.Print(t.String())
 }
 
-// resultsTable builds the summary table (figure, baton, kernel, ratio,
-// target).
+// resultsTable builds the summary table: the figure, batond with each TUN
+// device, the kernel, the ratio of each device to the kernel, the target.
 func resultsTable(r *Results) *table {
-	t := newTable("figure", "baton", "kernel", "ratio", "target").alignRight(1, 2, 3)
+	tuns := r.Config.TUNs
+	head := []string{"figure"}
+	for _, t := range tuns {
+		head = append(head, "baton "+t)
+	}
+	head = append(head, "kernel")
+	for _, t := range tuns {
+		head = append(head, t+"/kernel")
+	}
+	head = append(head, "target")
+	right := make([]int, 0, 2*len(tuns)+1)
+	for i := 1; i <= 2*len(tuns)+1; i++ {
+		right = append(right, i)
+	}
+	t := newTable(head...).alignRight(right...)
+	// row adds a figure: one cell per device, the kernel's, one ratio per
+	// device, the target.
+	row := func(figure string, baton []string, kernel string, ratios []string, target string) {
+		cells := append([]string{figure}, pad(baton, len(tuns))...)
+		cells = append(cells, kernel)
+		cells = append(cells, pad(ratios, len(tuns))...)
+		t.add(append(cells, target)...)
+	}
 	for _, s := range r.Single {
-		verdict := "met"
-		if !s.MeetsTarget {
-			verdict = "MISSED"
+		var baton, ratios, runs, verdicts []string
+		for _, b := range s.Baton {
+			baton = append(baton, fmtFloat(b.Median, 2))
+			ratios = append(ratios, fmtRatio(float64(b.Ratio)))
+			runs = append(runs, joinFloats(b.Gbps, 2))
+			v := "met"
+			if !b.MeetsTarget {
+				v = "MISSED"
+			}
+			verdicts = append(verdicts, b.TUN+" "+v)
 		}
-		target := fmt.Sprintf(">= %.1fx %s", s.Target, verdict)
+		target := fmt.Sprintf(">= %.1fx: %s", s.Target, strings.Join(verdicts, ", "))
 		if r.Config.MTU != 1500 {
 			target += " (target is for MTU 1500)"
 		}
-		t.add(fmt.Sprintf("single-flow download %s, Gb/s (median of %d)", s.Family, len(s.BatonGbps)),
-			fmtFloat(s.BatonMedian, 2), fmtFloat(s.KernelMedian, 2), fmtRatio(s.Ratio), target)
-		t.add("  runs", joinFloats(s.BatonGbps, 2), joinFloats(s.KernelGbps, 2))
+		row(fmt.Sprintf("single-flow download %s, Gb/s (median of %d)", s.Family, len(s.KernelGbps)),
+			baton, fmtFloat(s.KernelMedian, 2), ratios, target)
+		row("  runs", runs, joinFloats(s.KernelGbps, 2), nil, "")
 	}
 	if c := r.Conns; c != nil {
-		t.add(fmt.Sprintf("new connections/s %s (%d workers)", c.Family, c.Workers),
-			fmtFloat(c.Baton.PerSec, 0), fmtFloat(c.Kernel.PerSec, 0), fmtRatio(c.Ratio), "-")
-		t.add("  failed connections (must be 0)", fmt.Sprint(c.Baton.Failures), fmt.Sprint(c.Kernel.Failures))
-		t.add("  reconnect from a port in server TIME-WAIT", okOrFailed(c.Baton.TimeWaitReconnect), okOrFailed(c.Kernel.TimeWaitReconnect))
-		t.add("  exchange latency p50 / p99, ms",
-			fmtFloat(c.Baton.P50ms, 2)+" / "+fmtFloat(c.Baton.P99ms, 2),
-			fmtFloat(c.Kernel.P50ms, 2)+" / "+fmtFloat(c.Kernel.P99ms, 2))
+		var rate, ratios, failed, tw, lat []string
+		for _, b := range c.Baton {
+			rate = append(rate, fmtFloat(b.PerSec, 0))
+			ratios = append(ratios, fmtRatio(float64(b.Ratio)))
+			failed = append(failed, fmt.Sprint(b.Failures))
+			tw = append(tw, okOrFailed(b.TimeWaitReconnect))
+			lat = append(lat, fmtFloat(b.P50ms, 2)+" / "+fmtFloat(b.P99ms, 2))
+		}
+		k := c.Kernel
+		row(fmt.Sprintf("new connections/s %s (%d workers)", c.Family, c.Workers), rate, fmtFloat(k.PerSec, 0), ratios, "-")
+		row("  failed connections (must be 0)", failed, fmt.Sprint(k.Failures), nil, "")
+		row("  reconnect from a port in server TIME-WAIT", tw, okOrFailed(k.TimeWaitReconnect), nil, "")
+		row("  exchange latency p50 / p99, ms", lat, fmtFloat(k.P50ms, 2)+" / "+fmtFloat(k.P99ms, 2), nil, "")
 	}
-	t.add("batond crashes (must be 0)", fmt.Sprint(len(r.Crashes)))
+	crashes := make([]string, len(tuns))
+	for i, tun := range tuns {
+		n := 0
+		for _, c := range r.Crashes {
+			if strings.Contains(c, "(TUN "+tun+")") {
+				n++
+			}
+		}
+		crashes[i] = fmt.Sprint(n)
+	}
+	row("batond crashes (must be 0)", crashes, "", nil, "")
 	return t
+}
+
+// pad extends cells to n cells with empty ones.
+func pad(cells []string, n int) []string {
+	for len(cells) < n {
+		cells = append(cells, "")
+	}
+	return cells
 }
 
 func okOrFailed(s string) string {
@@ -160,40 +214,12 @@ func joinFloats(xs []float64, prec int) string {
 	return strings.Join(s, " ")
 }
 
-// jsonResults mirrors Results with NaN-safe ratios.
-func jsonResults(r *Results) any {
-	type single struct {
-		SingleFlow
-		Ratio jfloat `json:"ratio"`
-	}
-	type conns struct {
-		ConnRate
-		Ratio jfloat `json:"ratio"`
-	}
-	out := struct {
-		Date    string         `json:"date"`
-		Machine Machine        `json:"machine"`
-		Config  BenchConfig    `json:"config"`
-		Single  []single       `json:"single_flow"`
-		Conns   *conns         `json:"conn_rate,omitempty"`
-		Profile *ProfileResult `json:"profile,omitempty"`
-		Crashes []string       `json:"batond_crashes"`
-	}{Date: r.Date, Machine: r.Machine, Config: r.Config, Profile: r.Profile, Crashes: r.Crashes}
-	for _, s := range r.Single {
-		out.Single = append(out.Single, single{s, jfloat(s.Ratio)})
-	}
-	if r.Conns != nil {
-		out.Conns = &conns{*r.Conns, jfloat(r.Conns.Ratio)}
-	}
-	return out
-}
-
 func writeJSON(path string, r *Results) error {
 	var b bytes.Buffer
 	enc := json.NewEncoder(&b)
 	enc.SetEscapeHTML(false)
 	enc.SetIndent("", "  ")
-	if err := enc.Encode(jsonResults(r)); err != nil {
+	if err := enc.Encode(r); err != nil {
 		return err
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
@@ -242,7 +268,8 @@ func pprofTop(bin, profile string) (flat, cum []string, hint, toolErr string) {
 }
 
 func printProfile(p *ProfileResult) {
-	fmt.Printf("\nbatond CPU profile (%.0fs during a single-flow download): %s\n", p.Seconds, p.File)
+	fmt.Printf("\nbatond CPU profile, TUN device %s (%.0fs during a single-flow download at %.2f Gb/s): %s\n",
+		p.TUN, p.Seconds, p.LoadGbps, p.File)
 	if p.ToolError != "" {
 		fmt.Printf("could not summarise it (%s); view it with:\n    %s\n", p.ToolError, p.ViewHint)
 		return

@@ -29,7 +29,11 @@ const (
 	patternMul2  = 0x94D049BB133111EB
 
 	// chunkSize is the size of the buffers services write and read with.
-	chunkSize = 64 << 10
+	// 60 KiB rather than 64: with segmentation offload gVisor sends at
+	// most 65375 payload bytes per segment and does not merge writes, so a
+	// 64 KiB write left a 161-byte runt segment (one extra TUN write) per
+	// chunk; 60 KiB measured 0.67x/0.70x of the kernel against 0.60x/0.57x.
+	chunkSize = 60 << 10
 )
 
 // patternMix is the splitmix64 output function.
