@@ -117,7 +117,15 @@ func (a *adminServer) GetFlow(ctx context.Context, req *batonv1.GetFlowRequest) 
 		return nil, status.Error(codes.Unavailable, "node is starting")
 	}
 	resp := &batonv1.GetFlowResponse{}
-	if d.repl != nil {
+	if req.LocalOnly {
+		if st, ok := d.tracker.Lookup(k); ok {
+			resp.Copies = append(resp.Copies, &batonv1.FlowCopy{Node: d.cfg.Node, Owned: true, State: st})
+		} else if d.repl != nil {
+			if st, ok := d.repl.Store().Lookup(k); ok {
+				resp.Copies = append(resp.Copies, &batonv1.FlowCopy{Node: d.cfg.Node, State: st})
+			}
+		}
+	} else if d.repl != nil {
 		cctx, cancel := context.WithTimeout(ctx, clusterTimeout)
 		resp.Copies, resp.UnreachablePeers = d.repl.LookupCluster(cctx, k)
 		cancel()

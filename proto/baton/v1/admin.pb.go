@@ -1016,8 +1016,10 @@ func (x *ListFlowsResponse) GetUnreachablePeers() []string {
 }
 
 type GetFlowRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Key           *FlowKey               `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Key   *FlowKey               `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	// Only this node's copy (owned or replica); no peer is asked.
+	LocalOnly     bool `protobuf:"varint,2,opt,name=local_only,json=localOnly,proto3" json:"local_only,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1057,6 +1059,13 @@ func (x *GetFlowRequest) GetKey() *FlowKey {
 		return x.Key
 	}
 	return nil
+}
+
+func (x *GetFlowRequest) GetLocalOnly() bool {
+	if x != nil {
+		return x.LocalOnly
+	}
+	return false
 }
 
 // FlowCopy is the state one node holds for a flow.
@@ -1675,9 +1684,11 @@ const file_baton_v1_admin_proto_rawDesc = "" +
 	"\x05flows\x18\x01 \x03(\v2\x13.baton.v1.FlowEntryR\x05flows\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x14\n" +
 	"\x05total\x18\x03 \x01(\rR\x05total\x12+\n" +
-	"\x11unreachable_peers\x18\x04 \x03(\tR\x10unreachablePeers\"5\n" +
+	"\x11unreachable_peers\x18\x04 \x03(\tR\x10unreachablePeers\"T\n" +
 	"\x0eGetFlowRequest\x12#\n" +
-	"\x03key\x18\x01 \x01(\v2\x11.baton.v1.FlowKeyR\x03key\"_\n" +
+	"\x03key\x18\x01 \x01(\v2\x11.baton.v1.FlowKeyR\x03key\x12\x1d\n" +
+	"\n" +
+	"local_only\x18\x02 \x01(\bR\tlocalOnly\"_\n" +
 	"\bFlowCopy\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05owned\x18\x02 \x01(\bR\x05owned\x12)\n" +
