@@ -205,21 +205,7 @@ func TestReplicationCluster(t *testing.T) {
 		}
 		admins[i] = adminClient(t, l, i)
 	}
-	// Wait for the peer links.
-	if err := waitFor(ctx, 30*time.Second, func() error {
-		for i, a := range admins {
-			resp, err := a.ListPeers(ctx, &batonv1.ListPeersRequest{})
-			if err != nil {
-				return err
-			}
-			for _, p := range resp.Peers {
-				if !p.Up {
-					return fmt.Errorf("%s sees %s down: %s", lab.NodeName(i), p.Name, p.LastError)
-				}
-			}
-		}
-		return nil
-	}); err != nil {
+	if err := waitPeersUp(ctx, admins); err != nil {
 		t.Fatal(err)
 	}
 
@@ -327,4 +313,22 @@ func TestReplicationCluster(t *testing.T) {
 	if _, ok := tbl[fake.String()]; ok {
 		t.Fatal("the intruder's flow reached n1's table")
 	}
+}
+
+// waitPeersUp waits until every node sees every peer link up.
+func waitPeersUp(ctx context.Context, admins []batonv1.AdminClient) error {
+	return waitFor(ctx, 30*time.Second, func() error {
+		for i, a := range admins {
+			resp, err := a.ListPeers(ctx, &batonv1.ListPeersRequest{})
+			if err != nil {
+				return err
+			}
+			for _, p := range resp.Peers {
+				if !p.Up {
+					return fmt.Errorf("%s sees %s down: %s", lab.NodeName(i), p.Name, p.LastError)
+				}
+			}
+		}
+		return nil
+	})
 }

@@ -15,17 +15,20 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"strings"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/baton-anycast/baton/handoff"
 	batonv1 "github.com/baton-anycast/baton/proto/baton/v1"
 )
 
@@ -66,6 +69,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	node := fs.String("node", "", "node name, for the default admin socket path")
 	output := fs.String("o", "table", "output format: table or json")
 	timeout := fs.Duration("timeout", 5*time.Second, "how long to wait for batond")
+	tlsCA := fs.String("tls-ca", "", "cluster CA (PEM), for a TCP admin address")
+	tlsCert := fs.String("tls-cert", "", "client certificate from the cluster CA (PEM), for a TCP admin address")
+	tlsKey := fs.String("tls-key", "", "client key (PEM), for a TCP admin address")
+	serverName := fs.String("tls-server-name", "", "node name the server certificate must carry (default: -node, else the admin host)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			usage(stdout, fs)
@@ -97,7 +104,27 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "batonctl: %v\n", err)
 		return 2
 	}
-	conn, err := grpc.NewClient(dialTarget(addr), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	creds := insecure.NewCredentials()
+	if !strings.HasPrefix(addr, "unix:") {
+		if *tlsCA == "" || *tlsCert == "" || *tlsKey == "" {
+			fmt.Fprintf(stderr, "batonctl: admin address %s is TCP: give -tls-ca, -tls-cert and -tls-key (the admin API requires mutual TLS)\n", addr)
+			return 2
+		}
+		m, err := handoff.LoadTLS(*tlsCA, *tlsCert, *tlsKey)
+		if err != nil {
+			fmt.Fprintf(stderr, "batonctl: %v\n", err)
+			return 2
+		}
+		name := *serverName
+		if name == "" {
+			name = *node
+		}
+		if name == "" {
+			name, _, _ = net.SplitHostPort(addr)
+		}
+		creds = credentials.NewTLS(m.Client(name))
+	}
+	conn, err := grpc.NewClient(dialTarget(addr), grpc.WithTransportCredentials(creds))
 	if err != nil {
 		fmt.Fprintf(stderr, "batonctl: admin address %s: %v\n", addr, err)
 		return 2
@@ -133,8 +160,6 @@ func commandNames() string {
 
 func adminAddr(admin, node string) (string, error) {
 	switch {
-	case admin != "" && node != "":
-		return "", errors.New("give -admin or -node, not both")
 	case admin != "":
 		return admin, nil
 	case node != "":
@@ -167,11 +192,10 @@ func describeErr(addr string, err error) string {
 	}
 	switch st.Code() {
 	case codes.Unavailable:
-		msg := st.Message()
-		if i := strings.LastIndex(msg, ": "); i >= 0 {
-			msg = msg[i+2:]
+		if m := st.Message(); strings.Contains(m, "tls:") || strings.Contains(m, "certificate") || strings.Contains(m, "handshake") {
+			return fmt.Sprintf("batond at %s refused the connection: TLS: %s", addr, lastPart(m))
 		}
-		return fmt.Sprintf("cannot reach batond at %s: %s (is it running?)", addr, msg)
+		return fmt.Sprintf("cannot reach batond at %s: %s (is it running?)", addr, lastPart(st.Message()))
 	case codes.DeadlineExceeded:
 		return fmt.Sprintf("batond at %s did not answer in time", addr)
 	case codes.PermissionDenied, codes.Unauthenticated:
@@ -180,4 +204,13 @@ func describeErr(addr string, err error) string {
 		return fmt.Sprintf("batond at %s does not support this command (older version?)", addr)
 	}
 	return fmt.Sprintf("batond at %s: %s: %s", addr, st.Code(), st.Message())
+}
+
+// lastPart is the innermost cause of a wrapped error message.
+func lastPart(msg string) string {
+	msg = strings.TrimRight(msg, "\"")
+	if i := strings.LastIndex(msg, ": "); i >= 0 {
+		msg = msg[i+2:]
+	}
+	return msg
 }

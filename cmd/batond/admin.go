@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
@@ -158,7 +159,14 @@ func listenAdmin(addr string) (net.Listener, func(), error) {
 // newAdminGRPC builds the gRPC server with the admin, health and reflection
 // services.
 func newAdminGRPC(d *daemon) *grpc.Server {
-	srv := grpc.NewServer(grpc.MaxRecvMsgSize(1 << 20))
+	opts := []grpc.ServerOption{grpc.MaxRecvMsgSize(1 << 20)}
+	if !strings.HasPrefix(d.cfg.Admin, "unix:") {
+		// On TCP the admin API requires a client certificate from the
+		// cluster CA (mutual TLS); config validation made sure the
+		// material exists.
+		opts = append(opts, grpc.Creds(credentials.NewTLS(d.tlsm.Server)))
+	}
+	srv := grpc.NewServer(opts...)
 	batonv1.RegisterAdminServer(srv, &adminServer{d: d})
 	d.state.health = health.NewServer()
 	healthpb.RegisterHealthServer(srv, d.state.health)

@@ -11,6 +11,24 @@ import (
 	"github.com/baton-anycast/baton/handoff"
 )
 
+// loadTLS loads the node's certificate, key and cluster CA when configured
+// (the peer network and a TCP admin listener use them).
+func (d *daemon) loadTLS() error {
+	t := d.cfg.Cluster.TLS
+	if t.CA == "" && t.Cert == "" && t.Key == "" {
+		return nil
+	}
+	m, err := handoff.LoadTLS(t.CA, t.Cert, t.Key)
+	if err != nil {
+		return err
+	}
+	if !m.HasName(d.cfg.Node) {
+		return errorf("cluster.tls.cert: certificate is not for node %q (names: %v)", d.cfg.Node, m.Names)
+	}
+	d.tlsm = m
+	return nil
+}
+
 // startHandoff adds the flow tracker to the stack and, when a peer network
 // is configured, starts replication. It runs before the routes exist, so
 // every flow the node ever serves is tracked.
@@ -33,18 +51,10 @@ func (d *daemon) startHandoff() error {
 	if cfg.Cluster.Listen == "" {
 		return nil
 	}
-	var tlsm *handoff.TLSMaterial
+	tlsm := d.tlsm
 	if cfg.Cluster.Insecure {
 		d.log.Warn("peer network WITHOUT TLS (-peer-insecure): any host that reaches the peer port can read and inject flow state")
-	} else {
-		m, err := handoff.LoadTLS(cfg.Cluster.TLS.CA, cfg.Cluster.TLS.Cert, cfg.Cluster.TLS.Key)
-		if err != nil {
-			return err
-		}
-		if !m.HasName(cfg.Node) {
-			return errorf("cluster.tls.cert: certificate is not for node %q (names: %v)", cfg.Node, m.Names)
-		}
-		tlsm = m
+		tlsm = nil
 	}
 	peers := make([]handoff.Peer, len(cfg.Cluster.Peers))
 	for i, p := range cfg.Cluster.Peers {

@@ -102,6 +102,7 @@ type daemon struct {
 	st     *stack.Stack
 	routes *tun.Routes
 
+	tlsm        *handoff.TLSMaterial
 	tracker     *handoff.Tracker
 	stopTracker func()
 	repl        *handoff.Replication
@@ -150,6 +151,9 @@ func (d *daemon) start() error {
 		if err := d.addService(sc); err != nil {
 			return err
 		}
+	}
+	if err := d.loadTLS(); err != nil {
+		return err
 	}
 	if err := d.startHandoff(); err != nil {
 		return err
