@@ -186,8 +186,13 @@ const (
 // and the gVisor stack. Hooks run on the packet path: they must not block on
 // the network, on peers or on locks held across I/O.
 //
-// Hooks run in the order they were added for both directions. Packets put on
-// the path with an Injector skip the whole chain.
+// Hooks are layers between the TUN and the stack: the first hook added is
+// the outermost (closest to the TUN). Inbound packets cross the hooks in
+// the order they were added, outbound packets in the reverse order, so a
+// hook sees both directions of a flow in the same form: a hook added before
+// a rewriting hook sees packets as they are on the wire, one added after it
+// sees them as the stack does. Packets put on the path with an Injector skip
+// the whole chain.
 type Hook interface {
 	// Name identifies the hook in metrics and logs ("anycast-filter",
 	// "handoff", ...).

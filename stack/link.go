@@ -210,12 +210,17 @@ func (e *Endpoint) ReadError() error {
 // run passes p through the chain and reports whether it survived.
 func (e *Endpoint) run(p *Packet) bool {
 	c := e.chain.Load()
-	for i, h := range c.hooks {
+	n := len(c.hooks)
+	for j := range n {
+		// Hooks are layers: the first added is closest to the TUN, so it
+		// sees inbound packets first and outbound packets last.
+		i := j
 		var v Verdict
 		if p.Dir == Inbound {
-			v = h.Inbound(p)
+			v = c.hooks[i].Inbound(p)
 		} else {
-			v = h.Outbound(p)
+			i = n - 1 - j
+			v = c.hooks[i].Outbound(p)
 		}
 		switch v {
 		case Pass:

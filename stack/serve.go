@@ -140,9 +140,9 @@ func (c *countingConn) Write(b []byte) (int, error) {
 }
 
 // CheckpointSink receives the checkpoints services publish (see
-// services.Checkpoint): the connection's client and anycast address, how
-// many bytes the service had written to the connection when it published,
-// and the data. It is called on the service's goroutine and must not block.
+// services.Checkpoint): the connection's client and anycast address, the
+// service's output offset when it published (bytes written since the start
+// of the connection, on this node or before a restore), and the data. It is called on the service's goroutine and must not block.
 type CheckpointSink func(client, anycast netip.AddrPort, written uint64, data []byte)
 
 // SetCheckpointSink installs the receiver of service checkpoints (the
@@ -234,15 +234,60 @@ func (st *Stack) acceptLoop(l *gonet.TCPListener, svc services.TCPService) {
 		client, anycast := ra.AddrPort(), la.AddrPort()
 		client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
 		anycast = netip.AddrPortFrom(anycast.Addr().Unmap(), anycast.Port())
+		st.mu.Lock()
+		rs := st.resumes
+		st.mu.Unlock()
+		if rs != nil {
+			if r, ok := rs.TakeResume(client, anycast); ok {
+				go st.resumeConn(svc, client, anycast, conn, r)
+				continue
+			}
+		}
 		go st.serveConn(svc, client, anycast, conn)
 	}
 }
 
+// ResumeSource knows the connections the handoff layer is restoring: a
+// connection accepted for one of them is a continued connection, served
+// with services.Resumable.ResumeConn instead of ServeConn.
+type ResumeSource interface {
+	// TakeResume returns (and forgets) the resume information of the
+	// connection client->anycast, if it is being restored.
+	TakeResume(client, anycast netip.AddrPort) (services.Resume, bool)
+}
+
+// SetResumeSource installs the handoff layer's ResumeSource.
+func (st *Stack) SetResumeSource(r ResumeSource) {
+	st.mu.Lock()
+	st.resumes = r
+	st.mu.Unlock()
+}
+
+// resumeConn serves a restored connection. The handoff layer only restores
+// connections of Resumable services; anything else is a bug, answered by
+// closing the connection.
+func (st *Stack) resumeConn(svc services.TCPService, client, anycast netip.AddrPort, conn *gonet.TCPConn, r services.Resume) {
+	rs, ok := svc.(services.Resumable)
+	if !ok {
+		st.log.Error("restored a connection of a service that cannot resume", "service", svc.Name(), "client", client)
+		conn.Close()
+		return
+	}
+	// The service's output continues at r.OutputOffset: checkpoints count
+	// from the start of the connection, not from the restore.
+	st.serveWith(svc.Name(), client, anycast, conn, r.OutputOffset, func(ctx context.Context, c net.Conn) error {
+		return rs.ResumeConn(ctx, c, r)
+	})
+}
+
 // serveConn runs svc on conn until it returns, then closes conn.
-func (st *Stack) serveConn(svc interface {
-	Name() string
-	ServeConn(context.Context, net.Conn) error
-}, client, anycast netip.AddrPort, conn *gonet.TCPConn) {
+func (st *Stack) serveConn(svc services.TCPService, client, anycast netip.AddrPort, conn *gonet.TCPConn) {
+	st.serveWith(svc.Name(), client, anycast, conn, 0, svc.ServeConn)
+}
+
+// serveWith runs serve on conn with the service's accounting, checkpoint
+// publisher and cancellation, then closes conn.
+func (st *Stack) serveWith(name string, client, anycast netip.AddrPort, conn *gonet.TCPConn, written uint64, serve func(context.Context, net.Conn) error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	port := anycast.Port()
@@ -252,7 +297,7 @@ func (st *Stack) serveConn(svc interface {
 		return
 	}
 	defer st.untrack(tc)
-	c := st.stats.counters(svc.Name(), "tcp", port)
+	c := st.stats.counters(name, "tcp", port)
 	c.accepted.Add(1)
 	c.active.Add(1)
 	defer c.active.Add(-1)
@@ -260,6 +305,7 @@ func (st *Stack) serveConn(svc interface {
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 	cc := &countingConn{TCPConn: conn, c: c}
+	cc.written.Store(written)
 	st.mu.Lock()
 	sink := st.checkpoints
 	st.mu.Unlock()
@@ -268,8 +314,8 @@ func (st *Stack) serveConn(svc interface {
 			sink(client, anycast, cc.written.Load(), data)
 		})
 	}
-	if err := svc.ServeConn(ctx, cc); err != nil && ctx.Err() == nil {
-		st.log.Debug("connection ended with error", "service", svc.Name(),
+	if err := serve(ctx, cc); err != nil && ctx.Err() == nil {
+		st.log.Debug("connection ended with error", "service", name,
 			"client", client, "err", err)
 	}
 	_ = conn.Close()

@@ -134,6 +134,7 @@ type Stack struct {
 	udpSlots    chan struct{}
 	stats       serveStats
 	checkpoints CheckpointSink
+	resumes     ResumeSource
 }
 
 // New builds a stack on dev. The stack owns dev from now on. Packets start

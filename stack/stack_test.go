@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -445,5 +446,35 @@ func TestReuseTimeWaitPort(t *testing.T) {
 			t.Fatalf("connection %d: %d bytes, %v", i, n, err)
 		}
 		conn.Close()
+	}
+}
+
+// TestHookOrderIsLayered checks that the first hook added is the outermost:
+// first for inbound packets, last for outbound ones.
+func TestHookOrderIsLayered(t *testing.T) {
+	ctx := ctxT(t)
+	n := newNode(t, "n1")
+	var mu sync.Mutex
+	var order []string
+	mk := func(name string) *recorder {
+		return &recorder{name: name, verdict: func(p *stack.Packet) stack.Verdict {
+			mu.Lock()
+			order = append(order, p.Dir.String()+":"+name)
+			mu.Unlock()
+			return stack.Pass
+		}}
+	}
+	n.st.Endpoint().AddHook(mk("a"))
+	n.st.Endpoint().AddHook(mk("b"))
+	if err := n.dev.Deliver(ctx, icmpEcho(stacktest.ClientAddr4, stacktest.Anycast4, 11)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.dev.Receive(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if got := strings.Join(order, " "); got != "in:a in:b out:b out:a" {
+		t.Fatalf("hook order %q, want %q", got, "in:a in:b out:b out:a")
 	}
 }

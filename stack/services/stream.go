@@ -98,9 +98,18 @@ func (s *Stream) ServeConn(ctx context.Context, conn net.Conn) error {
 	if perr != nil {
 		return s.refuse(g, br, perr)
 	}
+	// The request line is all another node needs to continue the answer
+	// from any output offset.
+	Checkpoint(ctx, line)
+	return s.send(g, br, size, seed, offset, offset)
+}
+
+// send writes pattern bytes from..size of seed (the answer to a request
+// starting at offset) and finishes the connection.
+func (s *Stream) send(g *guard, br *bufio.Reader, size, seed, offset, from uint64) error {
 	bp := getBuf()
 	defer putBuf(bp)
-	if err := g.writePattern(*bp, nil, seed, offset, size, s.IdleTimeout); err != nil {
+	if err := g.writePattern(*bp, nil, seed, from, size, s.IdleTimeout); err != nil {
 		return fmt.Errorf("stream: sending %d %d %d: %w", size, seed, offset, err)
 	}
 	g.finish(br, s.Linger)
@@ -304,4 +313,44 @@ func readErrLine(first []byte, r io.Reader) (string, bool) {
 		return "", false
 	}
 	return string(s[len(prefix):]), true
+}
+
+// CanResume implements Resumable: the request line (the checkpoint) fixes
+// the whole answer, so any output offset within it can be continued. With
+// no checkpoint, only a connection whose request the previous node never
+// acknowledged can start over (the client sends the request again).
+func (s *Stream) CanResume(r Resume) error {
+	if r.Checkpoint == nil {
+		if r.InputOffset == 0 && r.OutputOffset == 0 {
+			return nil
+		}
+		return fmt.Errorf("stream: %w: request acknowledged (%d bytes) but not checkpointed", ErrCannotResume, r.InputOffset)
+	}
+	size, _, offset, err := ParseStreamRequest(string(r.Checkpoint))
+	if err != nil {
+		return fmt.Errorf("stream: %w: bad checkpoint: %v", ErrCannotResume, err)
+	}
+	if r.InputOffset < uint64(len(r.Checkpoint)) {
+		return fmt.Errorf("stream: %w: input offset %d inside the %d-byte request", ErrCannotResume, r.InputOffset, len(r.Checkpoint))
+	}
+	if r.OutputOffset > size-offset {
+		return fmt.Errorf("stream: %w: output offset %d past the %d-byte answer", ErrCannotResume, r.OutputOffset, size-offset)
+	}
+	return nil
+}
+
+// ResumeConn implements Resumable: it sends the rest of the answer.
+func (s *Stream) ResumeConn(ctx context.Context, conn net.Conn, r Resume) error {
+	if err := s.CanResume(r); err != nil {
+		return err
+	}
+	if r.Checkpoint == nil {
+		return s.ServeConn(ctx, conn)
+	}
+	g := newGuard(ctx, conn)
+	defer g.release()
+	Checkpoint(ctx, r.Checkpoint)
+	size, seed, offset, _ := ParseStreamRequest(string(r.Checkpoint))
+	br := bufio.NewReaderSize(conn, maxStreamLine)
+	return s.send(g, br, size, seed, offset, offset+r.OutputOffset)
 }

@@ -136,7 +136,7 @@ func (x FlowEvent_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FlowEvent_Kind.Descriptor instead.
 func (FlowEvent_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_baton_v1_flow_proto_rawDescGZIP(), []int{3, 0}
+	return file_baton_v1_flow_proto_rawDescGZIP(), []int{4, 0}
 }
 
 // FlowKey is a connection's 4-tuple. Addresses are 4 (IPv4) or 16 (IPv6)
@@ -318,8 +318,20 @@ type FlowState struct {
 	CheckpointSeq   uint32 `protobuf:"varint,22,opt,name=checkpoint_seq,json=checkpointSeq,proto3" json:"checkpoint_seq,omitempty"`
 	OpenedUnixNano  int64  `protobuf:"varint,23,opt,name=opened_unix_nano,json=openedUnixNano,proto3" json:"opened_unix_nano,omitempty"`
 	UpdatedUnixNano int64  `protobuf:"varint,24,opt,name=updated_unix_nano,json=updatedUnixNano,proto3" json:"updated_unix_nano,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// The same positions as byte counts that do not wrap (a flow may carry
+	// more than 4 GiB): server payload bytes sent and acknowledged by the
+	// client, client payload bytes acknowledged by the server, and the
+	// server output offset the checkpoint is valid at. FIN and SYN are not
+	// counted.
+	ServerSentBytes  uint64 `protobuf:"varint,25,opt,name=server_sent_bytes,json=serverSentBytes,proto3" json:"server_sent_bytes,omitempty"`
+	ClientAckedBytes uint64 `protobuf:"varint,26,opt,name=client_acked_bytes,json=clientAckedBytes,proto3" json:"client_acked_bytes,omitempty"`
+	ServerAckedBytes uint64 `protobuf:"varint,27,opt,name=server_acked_bytes,json=serverAckedBytes,proto3" json:"server_acked_bytes,omitempty"`
+	CheckpointOffset uint64 `protobuf:"varint,28,opt,name=checkpoint_offset,json=checkpointOffset,proto3" json:"checkpoint_offset,omitempty"`
+	// Ownership history (newest last), for operators: which node owned the
+	// flow from which epoch, and how it got it.
+	History       []*OwnershipChange `protobuf:"bytes,29,rep,name=history,proto3" json:"history,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *FlowState) Reset() {
@@ -520,6 +532,120 @@ func (x *FlowState) GetUpdatedUnixNano() int64 {
 	return 0
 }
 
+func (x *FlowState) GetServerSentBytes() uint64 {
+	if x != nil {
+		return x.ServerSentBytes
+	}
+	return 0
+}
+
+func (x *FlowState) GetClientAckedBytes() uint64 {
+	if x != nil {
+		return x.ClientAckedBytes
+	}
+	return 0
+}
+
+func (x *FlowState) GetServerAckedBytes() uint64 {
+	if x != nil {
+		return x.ServerAckedBytes
+	}
+	return 0
+}
+
+func (x *FlowState) GetCheckpointOffset() uint64 {
+	if x != nil {
+		return x.CheckpointOffset
+	}
+	return 0
+}
+
+func (x *FlowState) GetHistory() []*OwnershipChange {
+	if x != nil {
+		return x.History
+	}
+	return nil
+}
+
+// OwnershipChange is one step of a flow's ownership history.
+type OwnershipChange struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Node  string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Epoch uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// "open", "pull-migrate", "pull-restore", "push", "forward".
+	How      string `protobuf:"bytes,3,opt,name=how,proto3" json:"how,omitempty"`
+	UnixNano int64  `protobuf:"varint,4,opt,name=unix_nano,json=unixNano,proto3" json:"unix_nano,omitempty"`
+	// Server output offset at which the node took over.
+	AtOffset      uint64 `protobuf:"varint,5,opt,name=at_offset,json=atOffset,proto3" json:"at_offset,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OwnershipChange) Reset() {
+	*x = OwnershipChange{}
+	mi := &file_baton_v1_flow_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OwnershipChange) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OwnershipChange) ProtoMessage() {}
+
+func (x *OwnershipChange) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_flow_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OwnershipChange.ProtoReflect.Descriptor instead.
+func (*OwnershipChange) Descriptor() ([]byte, []int) {
+	return file_baton_v1_flow_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *OwnershipChange) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *OwnershipChange) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *OwnershipChange) GetHow() string {
+	if x != nil {
+		return x.How
+	}
+	return ""
+}
+
+func (x *OwnershipChange) GetUnixNano() int64 {
+	if x != nil {
+		return x.UnixNano
+	}
+	return 0
+}
+
+func (x *OwnershipChange) GetAtOffset() uint64 {
+	if x != nil {
+		return x.AtOffset
+	}
+	return 0
+}
+
 // FlowEvent is one change to a flow, as replicated to peers.
 type FlowEvent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -533,7 +659,7 @@ type FlowEvent struct {
 
 func (x *FlowEvent) Reset() {
 	*x = FlowEvent{}
-	mi := &file_baton_v1_flow_proto_msgTypes[3]
+	mi := &file_baton_v1_flow_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -545,7 +671,7 @@ func (x *FlowEvent) String() string {
 func (*FlowEvent) ProtoMessage() {}
 
 func (x *FlowEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_flow_proto_msgTypes[3]
+	mi := &file_baton_v1_flow_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -558,7 +684,7 @@ func (x *FlowEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlowEvent.ProtoReflect.Descriptor instead.
 func (*FlowEvent) Descriptor() ([]byte, []int) {
-	return file_baton_v1_flow_proto_rawDescGZIP(), []int{3}
+	return file_baton_v1_flow_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *FlowEvent) GetKind() FlowEvent_Kind {
@@ -594,7 +720,7 @@ const file_baton_v1_flow_proto_rawDesc = "" +
 	"\x0esack_permitted\x18\x03 \x01(\bR\rsackPermitted\x12\x1e\n" +
 	"\n" +
 	"timestamps\x18\x04 \x01(\bR\n" +
-	"timestamps\"\xce\x06\n" +
+	"timestamps\"\xb8\b\n" +
 	"\tFlowState\x12#\n" +
 	"\x03key\x18\x01 \x01(\v2\x11.baton.v1.FlowKeyR\x03key\x12\x14\n" +
 	"\x05owner\x18\x02 \x01(\tR\x05owner\x12\x14\n" +
@@ -632,7 +758,18 @@ const file_baton_v1_flow_proto_rawDesc = "" +
 	"checkpoint\x12%\n" +
 	"\x0echeckpoint_seq\x18\x16 \x01(\rR\rcheckpointSeq\x12(\n" +
 	"\x10opened_unix_nano\x18\x17 \x01(\x03R\x0eopenedUnixNano\x12*\n" +
-	"\x11updated_unix_nano\x18\x18 \x01(\x03R\x0fupdatedUnixNano\"\xc7\x01\n" +
+	"\x11updated_unix_nano\x18\x18 \x01(\x03R\x0fupdatedUnixNano\x12*\n" +
+	"\x11server_sent_bytes\x18\x19 \x01(\x04R\x0fserverSentBytes\x12,\n" +
+	"\x12client_acked_bytes\x18\x1a \x01(\x04R\x10clientAckedBytes\x12,\n" +
+	"\x12server_acked_bytes\x18\x1b \x01(\x04R\x10serverAckedBytes\x12+\n" +
+	"\x11checkpoint_offset\x18\x1c \x01(\x04R\x10checkpointOffset\x123\n" +
+	"\ahistory\x18\x1d \x03(\v2\x19.baton.v1.OwnershipChangeR\ahistory\"\x87\x01\n" +
+	"\x0fOwnershipChange\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
+	"\x03how\x18\x03 \x01(\tR\x03how\x12\x1b\n" +
+	"\tunix_nano\x18\x04 \x01(\x03R\bunixNano\x12\x1b\n" +
+	"\tat_offset\x18\x05 \x01(\x04R\batOffset\"\xc7\x01\n" +
 	"\tFlowEvent\x12,\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x18.baton.v1.FlowEvent.KindR\x04kind\x12)\n" +
 	"\x05state\x18\x02 \x01(\v2\x13.baton.v1.FlowStateR\x05state\"a\n" +
@@ -663,26 +800,28 @@ func file_baton_v1_flow_proto_rawDescGZIP() []byte {
 }
 
 var file_baton_v1_flow_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_baton_v1_flow_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_baton_v1_flow_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
 var file_baton_v1_flow_proto_goTypes = []any{
-	(FlowPhase)(0),      // 0: baton.v1.FlowPhase
-	(FlowEvent_Kind)(0), // 1: baton.v1.FlowEvent.Kind
-	(*FlowKey)(nil),     // 2: baton.v1.FlowKey
-	(*SynOptions)(nil),  // 3: baton.v1.SynOptions
-	(*FlowState)(nil),   // 4: baton.v1.FlowState
-	(*FlowEvent)(nil),   // 5: baton.v1.FlowEvent
+	(FlowPhase)(0),          // 0: baton.v1.FlowPhase
+	(FlowEvent_Kind)(0),     // 1: baton.v1.FlowEvent.Kind
+	(*FlowKey)(nil),         // 2: baton.v1.FlowKey
+	(*SynOptions)(nil),      // 3: baton.v1.SynOptions
+	(*FlowState)(nil),       // 4: baton.v1.FlowState
+	(*OwnershipChange)(nil), // 5: baton.v1.OwnershipChange
+	(*FlowEvent)(nil),       // 6: baton.v1.FlowEvent
 }
 var file_baton_v1_flow_proto_depIdxs = []int32{
 	2, // 0: baton.v1.FlowState.key:type_name -> baton.v1.FlowKey
 	0, // 1: baton.v1.FlowState.phase:type_name -> baton.v1.FlowPhase
 	3, // 2: baton.v1.FlowState.client_syn:type_name -> baton.v1.SynOptions
-	1, // 3: baton.v1.FlowEvent.kind:type_name -> baton.v1.FlowEvent.Kind
-	4, // 4: baton.v1.FlowEvent.state:type_name -> baton.v1.FlowState
-	5, // [5:5] is the sub-list for method output_type
-	5, // [5:5] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	5, // 3: baton.v1.FlowState.history:type_name -> baton.v1.OwnershipChange
+	1, // 4: baton.v1.FlowEvent.kind:type_name -> baton.v1.FlowEvent.Kind
+	4, // 5: baton.v1.FlowEvent.state:type_name -> baton.v1.FlowState
+	6, // [6:6] is the sub-list for method output_type
+	6, // [6:6] is the sub-list for method input_type
+	6, // [6:6] is the sub-list for extension type_name
+	6, // [6:6] is the sub-list for extension extendee
+	0, // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_baton_v1_flow_proto_init() }
@@ -696,7 +835,7 @@ func file_baton_v1_flow_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_baton_v1_flow_proto_rawDesc), len(file_baton_v1_flow_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   4,
+			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
