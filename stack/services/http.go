@@ -179,6 +179,16 @@ func badRequest(status int, body string, err error) reply {
 // ServeConn serves requests on conn until the client closes, a response
 // says Connection: close, the idle timeout, an error or ctx's end.
 func (h *HTTP) ServeConn(ctx context.Context, conn net.Conn) error {
+	return h.serve(ctx, conn, httpPos{}, nil)
+}
+
+// httpPos is where a connection stands: output bytes written and input
+// bytes consumed since the connection started (on any node).
+type httpPos struct{ out, in uint64 }
+
+// serve runs the request loop from pos; a resumed connection first skips
+// input the client sends again and finishes the response in progress.
+func (h *HTTP) serve(ctx context.Context, conn net.Conn, pos httpPos, rs *httpResume) error {
 	g := newGuard(ctx, conn)
 	defer g.release()
 
@@ -186,10 +196,22 @@ func (h *HTTP) ServeConn(ctx context.Context, conn net.Conn) error {
 	if maxHeader < minHeaderBuf {
 		maxHeader = minHeaderBuf
 	}
-	br := bufio.NewReaderSize(conn, maxHeader)
+	cr := &countingReader{r: conn}
+	br := bufio.NewReaderSize(cr, maxHeader)
+	consumed := func() uint64 { return pos.in + cr.n - uint64(br.Buffered()) }
 	bp := getBuf()
 	defer putBuf(bp)
 	buf := *bp
+
+	if rs != nil {
+		done, err := h.finishResumed(g, br, buf, rs)
+		if err != nil || done {
+			return err
+		}
+		// The connection's first input byte is input byte reqEnd-skipIn
+		// of the whole connection.
+		pos = httpPos{out: rs.respEnd(), in: rs.cp.reqEnd - rs.skipIn}
+	}
 
 	for {
 		if err := g.readDeadline(h.IdleTimeout); err != nil {
@@ -247,6 +269,19 @@ func (h *HTTP) ServeConn(ctx context.Context, conn net.Conn) error {
 			length = rp.n
 		}
 		out := appendHeader(buf[:0], rp.status, rp.ctype, length, rp.allow, mode)
+		// Publish where this response starts and what it is, so another
+		// node can finish it or continue after it.
+		cp := httpCheckpoint{respStart: pos.out, reqEnd: consumed(), close: rp.close, header: out}
+		switch {
+		case head:
+			cp.kind = 'h'
+		case rp.pattern:
+			cp.kind, cp.seed, cp.n = 'p', rp.seed, rp.n
+		default:
+			cp.kind, cp.body = 't', []byte(rp.body)
+		}
+		Checkpoint(g.ctx, cp.encode())
+		pos.out += cp.respLen()
 		var err error
 		switch {
 		case head:
