@@ -45,18 +45,7 @@ func ctlIn(t *testing.T, ctx context.Context, ns *lab.NS, name string, args ...s
 func TestBatonctlCluster(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
-	l, err := lab.New(ctx, lab.Config{Nodes: 3, Prefix: "btc", Logf: t.Logf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, p := range l.Procs() {
-				t.Logf("--- log of %s ---\n%s", p, p.Log())
-			}
-		}
-		l.Close()
-	})
+	l := buildLab(t, ctx, 3, "btc")
 	if err := l.EnableCluster(2); err != nil {
 		t.Fatal(err)
 	}

@@ -53,12 +53,12 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// newLab builds a lab with n nodes and starts batond on each; everything is
-// torn down when the test ends, and batond logs are printed if it failed.
-func newLab(t *testing.T, n int) (*lab.Lab, []*lab.Proc) {
+// buildLab builds a lab with n nodes (namespaces prefixed with prefix) and
+// starts nothing; everything is torn down when the test ends, and the logs
+// of every process it ran are printed if the test failed.
+func buildLab(t *testing.T, ctx context.Context, n int, prefix string) *lab.Lab {
 	t.Helper()
-	ctx := testCtx(t)
-	l, err := lab.New(ctx, lab.Config{Nodes: n, Prefix: "bte", Logf: t.Logf})
+	l, err := lab.New(ctx, lab.Config{Nodes: n, Prefix: prefix, Logf: t.Logf})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,6 +72,14 @@ func newLab(t *testing.T, n int) (*lab.Lab, []*lab.Proc) {
 			t.Errorf("lab teardown: %v", err)
 		}
 	})
+	return l
+}
+
+// newLab builds a lab with n nodes and starts batond on each.
+func newLab(t *testing.T, n int) (*lab.Lab, []*lab.Proc) {
+	t.Helper()
+	ctx := testCtx(t)
+	l := buildLab(t, ctx, n, "bte")
 	procs := make([]*lab.Proc, n)
 	for i := range n {
 		p, err := l.StartBatond(ctx, batond, i)

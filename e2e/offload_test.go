@@ -15,20 +15,7 @@ import (
 func TestServicesThroughRouterOffload(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
-	l, err := lab.New(ctx, lab.Config{Nodes: 3, Prefix: "bto", Logf: t.Logf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, p := range l.Procs() {
-				t.Logf("--- log of %s ---\n%s", p, p.Log())
-			}
-		}
-		if err := l.Close(); err != nil {
-			t.Errorf("lab teardown: %v", err)
-		}
-	})
+	l := buildLab(t, ctx, 3, "bto")
 	for i := range l.Nodes {
 		if _, err := l.StartBatond(ctx, batond, i, "-tun-offload"); err != nil {
 			t.Fatal(err)

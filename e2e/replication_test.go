@@ -182,22 +182,12 @@ func checkReplicated(ctx context.Context, l *lab.Lab, admins []batonv1.AdminClie
 func TestReplicationCluster(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
-	l, err := lab.New(ctx, lab.Config{Nodes: 3, Prefix: "btr", Logf: t.Logf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, p := range l.Procs() {
-				t.Logf("--- log of %s ---\n%s", p, p.Log())
-			}
-		}
-		l.Close()
-	})
+	l := buildLab(t, ctx, 3, "btr")
 	if err := l.EnableCluster(2); err != nil {
 		t.Fatal(err)
 	}
 	procs := make([]*lab.Proc, 3)
+	var err error
 	admins := make([]batonv1.AdminClient, 3)
 	for i := range 3 {
 		if procs[i], err = l.StartBatond(ctx, batond, i); err != nil {
