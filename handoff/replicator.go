@@ -15,6 +15,7 @@ import (
 	"context"
 	"math/bits"
 	"sync/atomic"
+	"time"
 
 	batonv1 "github.com/baton-anycast/baton/proto/baton/v1"
 )
@@ -83,6 +84,20 @@ func (rp *replicator) run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-rp.src.Changes():
+			// Let a burst of changes accumulate: a flow's open, its
+			// first updates and often its close then travel as one
+			// event (or none, for a flow that ended within the window),
+			// and many flows share one batch. The window bounds the
+			// latency it adds to a new flow reaching its replicas.
+			if w := rp.r.cfg.CoalesceWindow; w > 0 {
+				t := time.NewTimer(w)
+				select {
+				case <-ctx.Done():
+					t.Stop()
+					return
+				case <-t.C:
+				}
+			}
 			rp.take()
 		case <-rp.membersCh:
 			rp.syncMembers()

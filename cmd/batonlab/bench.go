@@ -21,7 +21,8 @@ package main
 // Figures: single-flow download Gb/s (median of -runs rounds per server),
 // new connections per second with a pool of workers, and a CPU profile of
 // batond during a single-flow download with each device. The report is in
-// benchreport.go.
+// benchreport.go. Then, in a 3-node cluster lab, what replication costs
+// (benchrepl.go). -only kernel or -only replication measures one part.
 
 import (
 	"context"
@@ -70,7 +71,22 @@ type benchOpts struct {
 	ipv6     bool
 	profile  time.Duration
 	tuns     []string // tunWater and/or tunOffload, in measuring order
+	// only is onlyKernel or onlyReplication to measure one part, "" for
+	// both.
+	only      string
+	replFlows int // flows of the replica visibility figure
+	outSet    bool
 }
+
+// The parts of the benchmark (-only).
+const (
+	onlyKernel      = "kernel"
+	onlyReplication = "replication"
+)
+
+// writes reports whether the results (JSON and profiles) are written: not
+// with -only unless -out is given.
+func (o benchOpts) writes() bool { return o.only == "" || o.outSet }
 
 func parseBenchArgs(args []string) (benchOpts, *flag.FlagSet, error) {
 	var o benchOpts
@@ -83,10 +99,13 @@ func parseBenchArgs(args []string) (benchOpts, *flag.FlagSet, error) {
 	fs.IntVar(&o.workers, "workers", 8, "concurrent workers in the connection-rate runs")
 	fs.BoolVar(&o.ipv6, "v6", true, "also measure single-flow throughput over IPv6")
 	fs.DurationVar(&o.profile, "profile", 5*time.Second, "length of each batond CPU profile (0 skips them)")
-	tun := fs.String("tun", "both", "TUN device(s) to measure batond with: water (default device), offload (batond -tun-offload) or both, side by side")
+	tun := fs.String("tun", "both", "TUN device(s) to measure batond with in the kernel comparison: water (default device), offload (batond -tun-offload) or both, side by side (the replication figures always use water)")
+	fs.StringVar(&o.only, "only", "", "measure one part: kernel (Baton vs the kernel, profiles) or replication (3-node cluster: conn/s with vs without replication, replica visibility); -out is then written only if given")
+	fs.IntVar(&o.replFlows, "repl-flows", 300, "flows opened one at a time for the replica visibility figure")
 	if err := parseFlags(fs, args); err != nil {
 		return o, fs, err
 	}
+	fs.Visit(func(f *flag.Flag) { o.outSet = o.outSet || f.Name == "out" })
 	switch *tun {
 	case "both":
 		o.tuns = []string{tunWater, tunOffload}
@@ -118,6 +137,10 @@ func parseBenchArgs(args []string) (benchOpts, *flag.FlagSet, error) {
 		return o, fs, fmt.Errorf("-out: %q should end in .json", o.out)
 	case o.batond == "":
 		return o, fs, errors.New("-batond: empty path")
+	case o.only != "" && o.only != onlyKernel && o.only != onlyReplication:
+		return o, fs, fmt.Errorf("-only: %q is not %s or %s", o.only, onlyKernel, onlyReplication)
+	case o.replFlows < 1 || o.replFlows > 10000:
+		return o, fs, fmt.Errorf("-repl-flows: %d out of range 1..10000", o.replFlows)
 	}
 	return o, fs, nil
 }
@@ -146,9 +169,13 @@ type Results struct {
 	Single  []SingleFlow    `json:"single_flow"`
 	Conns   *ConnRate       `json:"conn_rate,omitempty"`
 	Profile []ProfileResult `json:"profiles,omitempty"`
+	// Replication are the cluster figures (benchrepl.go).
+	Replication *ReplResults `json:"replication,omitempty"`
 	// Crashes lists every time batond died during the run (it is then
 	// restarted so the remaining figures can still be taken). Must be empty.
 	Crashes []string `json:"batond_crashes"`
+	// LogDirs are the log directories kept because of crashes.
+	LogDirs []string `json:"-"`
 }
 
 // BenchConfig records how the figures were taken.
@@ -167,6 +194,8 @@ type BenchConfig struct {
 	Lab       string   `json:"lab"`
 	Path      string   `json:"path"`
 	ConnPorts string   `json:"conn_source_ports"`
+	// Only is the part measured with -only ("" for both).
+	Only string `json:"only,omitempty"`
 }
 
 // SingleFlow is the single-flow download figure for one address family.
@@ -220,10 +249,12 @@ type ConnRate struct {
 
 // ProfileResult describes a CPU profile of batond.
 type ProfileResult struct {
-	TUN       string   `json:"tun"`
-	File      string   `json:"file"`
-	Seconds   float64  `json:"seconds"`
-	LoadGbps  float64  `json:"download_gbps_while_profiling"`
+	TUN      string  `json:"tun"`
+	File     string  `json:"file"`
+	Seconds  float64 `json:"seconds"`
+	LoadGbps float64 `json:"download_gbps_while_profiling,omitempty"`
+	// Load describes the load other than a single-flow download.
+	Load      string   `json:"load,omitempty"`
 	TopFlat   []string `json:"top_flat,omitempty"`
 	TopCum    []string `json:"top_cum,omitempty"`
 	ViewHint  string   `json:"view,omitempty"`
@@ -256,8 +287,49 @@ func bench(ctx context.Context, o benchOpts) (err error) {
 		},
 	}
 	res.Config.BatondRevision, res.Config.BatondGo = binaryInfo(o.batond)
+	res.Crashes = []string{}
+	if o.only != "" {
+		res.Config.Only = o.only
+	}
 	printMachine(res)
 
+	if o.only != onlyReplication {
+		if err := benchKernel(ctx, o, res); err != nil {
+			return err
+		}
+	}
+	if o.only != onlyKernel {
+		if err := benchReplication(ctx, o, res); err != nil {
+			return err
+		}
+	}
+
+	fmt.Println()
+	printResults(res)
+	if o.only == "" || o.outSet {
+		if err := writeJSON(o.out, res); err != nil {
+			return err
+		}
+		fmt.Printf("\nresults written to %s\n", o.out)
+	} else {
+		fmt.Printf("\nresults not written (-only %s without -out)\n", o.only)
+	}
+	for i := range res.Profile {
+		printProfile(&res.Profile[i])
+	}
+	if len(res.Crashes) > 0 {
+		fmt.Printf("\nbatond CRASHED %d time(s) during the benchmark (restarted each time; figures are reported anyway):\n", len(res.Crashes))
+		for _, c := range res.Crashes {
+			fmt.Printf("    %s\n", c)
+		}
+		return fmt.Errorf("batond crashed %d time(s); see its logs in %s", len(res.Crashes), strings.Join(res.LogDirs, " "))
+	}
+	return nil
+}
+
+// benchKernel measures Baton against the kernel in a one-node lab, with
+// the CPU profiles, and records the figures in res.
+func benchKernel(ctx context.Context, o benchOpts, res *Results) (err error) {
 	l, err := newLab(ctx, 1, o.ipv6)
 	if err != nil {
 		return err
@@ -281,8 +353,12 @@ func bench(ctx context.Context, o benchOpts) (err error) {
 	}
 	nd.proc = procs[0]
 	fmt.Printf("    with TUN device %s\n", nd.tun)
-	res.Crashes = []string{}
-	defer func() { res.Crashes = nd.crashes }()
+	defer func() {
+		res.Crashes = append(res.Crashes, nd.crashes...)
+		if len(nd.crashes) > 0 {
+			res.LogDirs = append(res.LogDirs, l.LogDir)
+		}
+	}()
 	node := l.Nodes[0]
 	kaddrs := []netip.Addr{node.Addr4}
 	if o.ipv6 {
@@ -400,7 +476,7 @@ func bench(ctx context.Context, o benchOpts) (err error) {
 	}
 	res.Conns = cr
 
-	if o.profile > 0 {
+	if o.profile > 0 && o.writes() {
 		// Profile the device batond runs with first: one restart less.
 		order := slices.Clone(o.tuns)
 		if order[0] != nd.tun {
@@ -426,25 +502,7 @@ func bench(ctx context.Context, o benchOpts) (err error) {
 			return slices.Index(o.tuns, a.TUN) - slices.Index(o.tuns, b.TUN)
 		})
 	}
-	res.Crashes = nd.crashes
-
-	fmt.Println()
-	printResults(res)
-	if err := writeJSON(o.out, res); err != nil {
-		return err
-	}
-	fmt.Printf("\nresults written to %s\n", o.out)
-	for i := range res.Profile {
-		printProfile(&res.Profile[i])
-	}
-	if len(res.Crashes) > 0 {
-		fmt.Printf("\nbatond CRASHED %d time(s) during the benchmark (restarted each time; figures are reported anyway):\n", len(res.Crashes))
-		for _, c := range res.Crashes {
-			fmt.Printf("    %s\n", c)
-		}
-		return fmt.Errorf("batond crashed %d time(s); see its log in %s", len(res.Crashes), l.LogDir)
-	}
-	failed = false
+	failed = len(nd.crashes) > 0
 	return nil
 }
 
@@ -637,36 +695,8 @@ func profileBatond(ctx context.Context, l *lab.Lab, server netip.AddrPort, o ben
 		return nil, ctx.Err()
 	}
 	fmt.Printf("profiling batond (TUN %s) for %v during a single-flow download...\n", tun, o.profile)
-	client := &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return node.Dial(ctx, "tcp", addr, 0)
-		},
-		DisableKeepAlives: true,
-	}}
 	secs := int(o.profile.Round(time.Second) / time.Second)
-	url := "http://" + metricsAddr + "/debug/pprof/profile?seconds=" + strconv.Itoa(secs)
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return nil, fmt.Errorf("GET %s: %s: %s", url, resp.Status, strings.TrimSpace(string(b)))
-	}
-	f, err := os.Create(file)
-	if err != nil {
-		return nil, err
-	}
-	if _, err := io.Copy(f, resp.Body); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("saving %s: %w", file, err)
-	}
-	if err := f.Close(); err != nil {
+	if err := fetchProfile(ctx, node, secs, file); err != nil {
 		return nil, err
 	}
 	d := <-dch
@@ -677,4 +707,42 @@ func profileBatond(ctx context.Context, l *lab.Lab, server netip.AddrPort, o ben
 	fmt.Printf("profile saved to %s (download ran at %.2f Gb/s meanwhile)\n", file, pr.LoadGbps)
 	pr.TopFlat, pr.TopCum, pr.ViewHint, pr.ToolError = pprofTop(o.batond, file)
 	return pr, nil
+}
+
+// fetchProfile fetches a CPU profile of secs seconds from the batond of
+// node (/debug/pprof on the namespace's loopback, batond -pprof) and saves
+// it in file.
+func fetchProfile(ctx context.Context, node *lab.Node, secs int, file string) error {
+	if err := os.MkdirAll(filepath.Dir(file), 0o755); err != nil {
+		return err
+	}
+	client := &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return node.Dial(ctx, "tcp", addr, 0)
+		},
+		DisableKeepAlives: true,
+	}}
+	url := "http://" + metricsAddr + "/debug/pprof/profile?seconds=" + strconv.Itoa(secs)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return fmt.Errorf("GET %s: %s: %s", url, resp.Status, strings.TrimSpace(string(b)))
+	}
+	f, err := os.Create(file)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return fmt.Errorf("saving %s: %w", file, err)
+	}
+	return f.Close()
 }

@@ -110,15 +110,33 @@ func orDash(s string) string {
 func printResults(r *Results) {
 	t := resultsTable(r)
 	m := r.Machine
-	fmt.Printf("Baton (TUN device: %s) vs Linux kernel, same path (client -> router -> node), same stream service code\n",
-		strings.Join(r.Config.TUNs, ", "))
+	if r.Config.Only != onlyReplication {
+		fmt.Printf("Baton (TUN device: %s) vs Linux kernel, same path (client -> router -> node), same stream service code\n",
+			strings.Join(r.Config.TUNs, ", "))
+	}
+	if r.Replication != nil {
+		fmt.Printf("Replication: one node serving every connection, with its flows replicated to 2 peers vs the same node without replication (TUN device %s)\n",
+			r.Replication.TUN)
+	}
 	fmt.Printf("machine: %s, %d cores, Linux %s, %s; MTU %d\n\n", m.CPU, m.Cores, m.Kernel, m.Go, r.Config.MTU)
 	fmt.Print(t.String())
 }
 
 // resultsTable builds the summary table: the figure, batond with each TUN
-// device, the kernel, the ratio of each device to the kernel, the target.
+// device, the kernel, the ratio of each device to the kernel, the target;
+// then the replication figures under their own sub-header (with
+// replication, without, ratio, target). With -only replication the table
+// has the replication figures alone.
 func resultsTable(r *Results) *table {
+	if r.Config.Only == onlyReplication {
+		head := replHeader(1)
+		t := newTable(head...).alignRight(1, 2, 3)
+		if rr := r.Replication; rr != nil {
+			addReplRows(t, rr, 1)
+		}
+		t.add("batond crashes (must be 0)", fmt.Sprint(len(r.Crashes)))
+		return t
+	}
 	tuns := r.Config.TUNs
 	head := []string{"figure"}
 	for _, t := range tuns {
@@ -188,7 +206,89 @@ func resultsTable(r *Results) *table {
 		crashes[i] = fmt.Sprint(n)
 	}
 	row("batond crashes (must be 0)", crashes, "", nil, "")
+	if rr := r.Replication; rr != nil {
+		t.section(replHeader(len(tuns))...)
+		addReplRows(t, rr, len(tuns))
+	}
 	return t
+}
+
+// replCells places a replication row in a table laid out for n TUN
+// devices: figure, with replication under the first device, without under
+// the kernel, the ratio under the first device's ratio, the target last.
+func replCells(n int, figure, with, without, ratio, target string) []string {
+	cells := make([]string, 2*n+3)
+	cells[0], cells[1], cells[n+1], cells[n+2], cells[2*n+2] = figure, with, without, ratio, target
+	return cells
+}
+
+func replHeader(n int) []string {
+	return replCells(n, "replication (3 nodes, every flow on n1, replicas n2 n3; TUN water)",
+		"with 2 replicas", "without", "with/without", "target")
+}
+
+// addReplRows adds the replication figures to t (laid out for n devices).
+func addReplRows(t *table, rr *ReplResults, n int) {
+	row := func(figure, with, without, ratio, target string) {
+		t.add(replCells(n, figure, with, without, ratio, target)...)
+	}
+	if c := rr.Conns; c != nil {
+		var runsW, runsWo, p50W, p50Wo, p99W, p99Wo, cpuOW, cpuXW, cpuOWo, cpuXWo []float64
+		var failW, failWo int64
+		var openMin, hs, rej, drop uint64
+		for i := range c.Runs {
+			run := &c.Runs[i]
+			own, oth := run.cpuPerConn()
+			if run.Replication {
+				runsW, p50W, p99W = append(runsW, run.PerSec), append(p50W, run.P50ms), append(p99W, run.P99ms)
+				cpuOW, cpuXW = append(cpuOW, own), append(cpuXW, oth)
+				failW += run.Failures
+				openMin += run.replicated()
+				hs += run.Handshakes
+				rej += run.Rejected
+				drop += run.Dropped
+			} else {
+				runsWo, p50Wo, p99Wo = append(runsWo, run.PerSec), append(p50Wo, run.P50ms), append(p99Wo, run.P99ms)
+				cpuOWo, cpuXWo = append(cpuOWo, own), append(cpuXWo, oth)
+				failWo += run.Failures
+			}
+		}
+		v := "met"
+		if !c.MeetsTarget {
+			v = "MISSED"
+		}
+		row(fmt.Sprintf("new connections/s %s via n1 (%d workers, median of %d)", c.Family, c.Workers, len(runsW)),
+			fmtFloat(c.WithMedian, 0), fmtFloat(c.WithoutMedian, 0), fmtRatio(float64(c.Ratio)),
+			fmt.Sprintf(">= %.1fx: %s", c.Target, v))
+		row("  runs", joinFloats(runsW, 0), joinFloats(runsWo, 0), "", "")
+		row("  failed connections (must be 0)", fmt.Sprint(failW), fmt.Sprint(failWo), "", "")
+		row("  exchange latency p50 / p99, ms (median)", fmtFloat(median(p50W), 2)+" / "+fmtFloat(median(p99W), 2),
+			fmtFloat(median(p50Wo), 2)+" / "+fmtFloat(median(p99Wo), 2), "", "")
+		pct := "-"
+		if hs > 0 {
+			pct = fmt.Sprintf("%.0f%%", 100*float64(openMin)/float64(hs))
+		}
+		row("  flows sent to both replicas / handshakes, all runs", fmt.Sprintf("%d / %d (%s)", openMin, hs, pct), "-", "", "")
+		row("  replication events rejected / dropped (must be 0)", fmt.Sprintf("%d / %d", rej, drop), "-", "", "")
+		row("  batond CPU per connection, µs: n1 / n2+n3 (median)",
+			fmtFloat(median(cpuOW), 0)+" / "+fmtFloat(median(cpuXW), 0), fmtFloat(median(cpuOWo), 0)+" / "+fmtFloat(median(cpuXWo), 0), "", "")
+	}
+	if v := rr.Visible; v != nil {
+		verdict := "met"
+		if !v.MeetsTarget {
+			verdict = "MISSED"
+		}
+		d := func(x Dist) string {
+			return fmtFloat(x.P50, 2) + " / " + fmtFloat(x.P90, 2) + " / " + fmtFloat(x.P99, 2) + " / " + fmtFloat(x.Max, 2)
+		}
+		row("new flow on both replicas after connect(), ms, p50 / p90 / p99 / max", d(v.BothMs), "-", "",
+			fmt.Sprintf("p99 <= %.0f ms: %s", v.Target, verdict))
+		row("  flows seen on both replicas (within 2 s)", fmt.Sprintf("%d/%d", v.Seen, v.Flows), "", "", "")
+		row("  on the first replica, ms", d(v.FirstMs), "", "", "")
+		row("  one poll (GetFlow RPC: the resolution), ms", d(v.PollMs), "", "", "")
+		row("  owner-side ack lag p99, n1 -> n2 / n3 (ListPeers), ms",
+			fmtFloat(v.AckLagP99ms["n2"], 2)+" / "+fmtFloat(v.AckLagP99ms["n3"], 2), "", "", "")
+	}
 }
 
 // pad extends cells to n cells with empty ones.
@@ -268,8 +368,11 @@ func pprofTop(bin, profile string) (flat, cum []string, hint, toolErr string) {
 }
 
 func printProfile(p *ProfileResult) {
-	fmt.Printf("\nbatond CPU profile, TUN device %s (%.0fs during a single-flow download at %.2f Gb/s): %s\n",
-		p.TUN, p.Seconds, p.LoadGbps, p.File)
+	load := fmt.Sprintf("during a single-flow download at %.2f Gb/s", p.LoadGbps)
+	if p.Load != "" {
+		load = p.Load
+	}
+	fmt.Printf("\nbatond CPU profile, TUN device %s (%.0fs %s): %s\n", p.TUN, p.Seconds, load, p.File)
 	if p.ToolError != "" {
 		fmt.Printf("could not summarise it (%s); view it with:\n    %s\n", p.ToolError, p.ViewHint)
 		return

@@ -457,6 +457,12 @@ func connLoop(ctx context.Context, ns *lab.NS, server netip.AddrPort, workers in
 // sequence number or timestamp is newer (RFC 6191), so a client that
 // reuses source ports quickly, e.g. behind a NAT, keeps connecting. It
 // returns nil if the exchange succeeds within timeout.
+//
+// The client's own socket of the previous connection may linger in
+// LAST-ACK for a moment (until the server's ACK of the client's FIN
+// arrives); connect then fails with EADDRNOTAVAIL before any SYN is sent,
+// which says nothing about the server, so the probe waits and tries again
+// (for at most timeout).
 func twProbe(ctx context.Context, ns *lab.NS, server netip.AddrPort, port int, timeout time.Duration) error {
 	network := "tcp4"
 	if server.Addr().Is6() {
@@ -464,8 +470,18 @@ func twProbe(ctx context.Context, ns *lab.NS, server netip.AddrPort, port int, t
 	}
 	var want [1]byte
 	services.FillPattern(1, 0, want[:])
+	deadline := time.Now().Add(timeout)
 	return ns.Do(func() error {
-		return exchangeOnce(ctx, network, server.String(), port, timeout, services.StreamRequest(1, 1), want[0], make([]byte, 64))
+		for {
+			err := exchangeOnce(ctx, network, server.String(), port, time.Until(deadline), services.StreamRequest(1, 1), want[0], make([]byte, 64))
+			if !errors.Is(err, unix.EADDRNOTAVAIL) || time.Until(deadline) < 100*time.Millisecond {
+				if errors.Is(err, unix.EADDRNOTAVAIL) {
+					err = fmt.Errorf("the client's previous socket on port %d still held the 4-tuple after %v: %w", port, timeout, err)
+				}
+				return err
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
 	})
 }
 
@@ -475,6 +491,20 @@ func twProbe(ctx context.Context, ns *lab.NS, server netip.AddrPort, port int, t
 func exchangeOnce(ctx context.Context, network, addr string, localPort int, timeout time.Duration, req string, want byte, buf []byte) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	conn, err := portDialer(localPort).DialContext(ctx, network, addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		conn.SetDeadline(dl) //nolint:errcheck
+	}
+	return exchange(conn, req, want, buf)
+}
+
+// portDialer dials from source port localPort (with SO_REUSEADDR), or from
+// a port the kernel picks if 0.
+func portDialer(localPort int) *net.Dialer {
 	var d net.Dialer
 	if localPort != 0 {
 		d.LocalAddr = &net.TCPAddr{Port: localPort}
@@ -488,14 +518,11 @@ func exchangeOnce(ctx context.Context, network, addr string, localPort int, time
 			return serr
 		}
 	}
-	conn, err := d.DialContext(ctx, network, addr)
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	if dl, ok := ctx.Deadline(); ok {
-		conn.SetDeadline(dl) //nolint:errcheck
-	}
+	return &d
+}
+
+// exchange sends req on conn and reads the 1-byte answer want to EOF.
+func exchange(conn net.Conn, req string, want byte, buf []byte) error {
 	if _, err := io.WriteString(conn, req); err != nil {
 		return fmt.Errorf("write: %w", err)
 	}

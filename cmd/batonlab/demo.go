@@ -3,7 +3,10 @@ package main
 // This file is `batonlab demo`: N batond nodes behind an ECMP router, F
 // concurrent verified downloads from the client, each on its own TCP
 // connection and source port, each checked to land on the node the router's
-// hash predicts.
+// hash predicts. The nodes run as a cluster (unless -standalone): every
+// flow's state is replicated to 2 other nodes, which the demo checks
+// through the nodes' admin APIs half-way through the downloads
+// (cluster.go).
 
 import (
 	"context"
@@ -20,11 +23,13 @@ import (
 
 // Demo defaults: 12 flows x 250 MB = 3 GB over 3 nodes. On a 2-core machine
 // (AMD EPYC, kernel 6.18) the three batond processes, the kernel's
-// forwarding and the client's verification share the two cores and move
-// 125-140 MB/s in total (one flow alone through one node: about 75 MB/s,
-// verified), so the transfer takes 21-24 s and the whole run, lab setup and
-// teardown included, well under 30 s (200 MB per flow took 17-19 s). Use
-// -size to scale it.
+// forwarding and the client's verification share the two cores. Standalone
+// (-standalone) they move 120-140 MB/s in total (one flow alone through one
+// node: about 75 MB/s, verified): the transfer takes 21-25 s (200 MB per
+// flow took 17-19 s). As a cluster (the default) every node also
+// replicates its flows' state to 2 others, some 12-13k events/s and ~125 MB
+// over the peer links for the 3 GB, on the same cores: 83-100 MB/s, 30-36 s.
+// Use -size to scale it.
 const (
 	defaultDemoNodes = 3
 	defaultDemoFlows = 12
@@ -42,6 +47,9 @@ type demoOpts struct {
 	flows  int
 	size   uint64
 	ipv6   bool
+	// standalone runs the nodes without the peer network (no
+	// replication).
+	standalone bool
 }
 
 func parseDemoArgs(args []string) (demoOpts, *flag.FlagSet, error) {
@@ -53,6 +61,7 @@ func parseDemoArgs(args []string) (demoOpts, *flag.FlagSet, error) {
 	fs.IntVar(&o.flows, "flows", defaultDemoFlows, "concurrent downloads, one TCP connection and source port each (1..1000)")
 	fs.Var(&size, "size", "bytes per download (e.g. 100MB, 1GiB)")
 	fs.BoolVar(&o.ipv6, "v6", false, "download over IPv6 (2001:db8:a::1) instead of IPv4 (192.0.2.1)")
+	fs.BoolVar(&o.standalone, "standalone", false, "run the nodes without the peer network (no replication; by default they form a cluster with 2 replicas per flow)")
 	h := fs
 	if err := parseFlags(fs, args); err != nil {
 		return o, h, err
@@ -108,9 +117,22 @@ func demo(ctx context.Context, o demoOpts) (ok bool, err error) {
 			err = cerr
 		}
 	}()
+	k := 0
+	if !o.standalone {
+		if k, err = startCluster(l); err != nil {
+			return false, err
+		}
+	}
 	procs, err := startNodes(ctx, l, o.batond)
 	if err != nil {
 		return false, err
+	}
+	var admins []*adminConn
+	if k > 0 {
+		if admins, err = connectCluster(ctx, l); err != nil {
+			return false, err
+		}
+		defer closeAdmins(admins)
 	}
 	clientAddr := l.ClientAddr4
 	if o.ipv6 {
@@ -139,8 +161,25 @@ func demo(ctx context.Context, o demoOpts) (ok bool, err error) {
 		runDownloads(ctx, l.Client, ds)
 		close(done)
 	}()
-	showProgress(ds, o.nodes, done)
+	// Half-way through, ask the nodes which flows they own and replicate.
+	var view *clusterView
+	viewDone := make(chan struct{})
+	viewStarted := false
+	var onHalf func(time.Duration)
+	if k > 0 {
+		onHalf = func(at time.Duration) {
+			viewStarted = true
+			go func() {
+				defer close(viewDone)
+				view = takeClusterView(ctx, admins, ds, k, clientAddr, at)
+			}()
+		}
+	}
+	showProgress(ds, o.nodes, done, onHalf)
 	wall := time.Since(start)
+	if viewStarted {
+		<-viewDone
+	}
 
 	fmt.Println()
 	if ctx.Err() != nil {
@@ -151,7 +190,14 @@ func demo(ctx context.Context, o demoOpts) (ok bool, err error) {
 		fmt.Printf("interrupted after %.1fs, %s received; no report\n", wall.Seconds(), formatSize(uint64(got)))
 		return false, ctx.Err()
 	}
-	ok = report(ds, o.nodes, wall)
+	ok = report(ds, o.nodes, wall, view)
+	if k > 0 {
+		if viewStarted {
+			ok = replicationSummary(view, ds, listAllPeers(ctx, admins), wall) && ok
+		} else {
+			fmt.Println("replication: the downloads ended before half-way was sampled (progress is sampled every second): no cluster view; use a larger -size")
+		}
+	}
 	for i, p := range procs {
 		if p.Exited() {
 			fmt.Printf("FAILED: batond %s died during the demo: %s (log %s)\n", lab.NodeName(i), crashSummary(p), p.LogPath())
@@ -163,8 +209,10 @@ func demo(ctx context.Context, o demoOpts) (ok bool, err error) {
 
 // showProgress prints one line per second until done is closed: total and
 // per-node MB/s, flows finished and bytes so far. On a terminal the line is
-// rewritten in place.
-func showProgress(ds []*Download, nodes int, done <-chan struct{}) {
+// rewritten in place. onHalf, if not nil, is called once, on the first
+// tick with at least half of the bytes received, with the time since the
+// start.
+func showProgress(ds []*Download, nodes int, done <-chan struct{}, onHalf func(time.Duration)) {
 	tty := isTerminal(os.Stdout)
 	tl := newTimeline(ds)
 	var want uint64
@@ -188,6 +236,10 @@ func showProgress(ds []*Download, nodes int, done <-chan struct{}) {
 		for _, b := range s.Bytes {
 			got += b
 		}
+		if onHalf != nil && uint64(got) >= want/2 {
+			onHalf(s.At)
+			onHalf = nil
+		}
 		finished := 0
 		for _, d := range ds {
 			if d.Done() {
@@ -209,9 +261,16 @@ func showProgress(ds []*Download, nodes int, done <-chan struct{}) {
 }
 
 // report prints the per-flow table and the per-node summary and tells
-// whether every flow was verified and served by its predicted node.
-func report(ds []*Download, nodes int, wall time.Duration) bool {
-	t := newTable("flow", "client port", "predicted", "served by", "bytes", "MB/s", "verified").alignRight(0, 1, 4, 5)
+// whether every flow was verified and served by its predicted node. With a
+// cluster view, the table shows each flow's replicas as its owner listed
+// them then (replicationSummary judges them).
+func report(ds []*Download, nodes int, wall time.Duration, view *clusterView) bool {
+	head := []string{"flow", "client port", "predicted", "served by"}
+	if view != nil {
+		head = append(head, fmt.Sprintf("replicas at %.0fs", view.At.Seconds()))
+	}
+	head = append(head, "bytes", "MB/s", "verified")
+	t := newTable(head...).alignRight(0, 1, len(head)-3, len(head)-2)
 	type agg struct {
 		flows       int
 		bytes       int64
@@ -220,7 +279,7 @@ func report(ds []*Download, nodes int, wall time.Duration) bool {
 	per := make([]agg, nodes)
 	var failed, misrouted int
 	var total int64
-	for _, d := range ds {
+	for i, d := range ds {
 		predicted := "?"
 		if d.Predicted >= 0 {
 			predicted = lab.NodeName(d.Predicted)
@@ -238,8 +297,11 @@ func report(ds []*Download, nodes int, wall time.Duration) bool {
 			verified += " (not the predicted node)"
 			misrouted++
 		}
-		t.add(fmt.Sprint(d.ID), fmt.Sprint(d.LocalPort), predicted, served,
-			fmt.Sprint(d.Received()), fmtFloat(mbps(d.Received(), d.Elapsed()), 1), verified)
+		cells := []string{fmt.Sprint(d.ID), fmt.Sprint(d.LocalPort), predicted, served}
+		if view != nil {
+			cells = append(cells, replicaCell(view, i, d))
+		}
+		t.add(append(cells, fmt.Sprint(d.Received()), fmtFloat(mbps(d.Received(), d.Elapsed()), 1), verified)...)
 		total += d.Received()
 		if n := d.Node(); n >= 0 && n < nodes {
 			a := &per[n]
@@ -277,4 +339,24 @@ func report(ds []*Download, nodes int, wall time.Duration) bool {
 	}
 	fmt.Printf("FAILED: %d flow(s) not verified, %d served by a node other than predicted\n", failed, misrouted)
 	return false
+}
+
+// replicaCell is download i's replicas in the report: the nodes its owner
+// listed, and what is wrong with them if anything.
+func replicaCell(v *clusterView, i int, d *Download) string {
+	if v.Err != nil {
+		return "?"
+	}
+	if !v.InFlight[i] {
+		return "- (not in flight)"
+	}
+	replicas, problem := v.check(i, d)
+	cell := strings.Join(replicas, " ")
+	if cell == "" {
+		cell = "-"
+	}
+	if problem != "" {
+		cell += " (FAILED: " + problem + ")"
+	}
+	return cell
 }

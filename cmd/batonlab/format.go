@@ -154,15 +154,18 @@ func ratio(a, b float64) float64 {
 }
 
 // table is a plain-text table: a header row and rows of cells, columns
-// separated by two spaces. Columns listed in right are right-aligned.
+// separated by two spaces. Columns listed in right are right-aligned. A
+// section row is a second header inside the table, between rules, for
+// rows whose columns mean something else.
 type table struct {
-	header []string
-	rows   [][]string
-	right  map[int]bool
+	header   []string
+	rows     [][]string
+	right    map[int]bool
+	sections map[int]bool // indexes of section rows in rows
 }
 
 func newTable(header ...string) *table {
-	return &table{header: header, right: map[int]bool{}}
+	return &table{header: header, right: map[int]bool{}, sections: map[int]bool{}}
 }
 
 // alignRight right-aligns the given columns (numbers).
@@ -174,6 +177,12 @@ func (t *table) alignRight(cols ...int) *table {
 }
 
 func (t *table) add(cells ...string) { t.rows = append(t.rows, cells) }
+
+// section adds a sub-header row, rendered between rules.
+func (t *table) section(cells ...string) {
+	t.sections[len(t.rows)] = true
+	t.rows = append(t.rows, cells)
+}
 
 // String renders the table with a rule under the header. Rows shorter than
 // the header are padded with empty cells; trailing spaces are trimmed.
@@ -216,7 +225,13 @@ func (t *table) String() string {
 		rule[i] = strings.Repeat("-", width[i])
 	}
 	line(rule)
-	for _, r := range t.rows {
+	for i, r := range t.rows {
+		if t.sections[i] {
+			line(rule)
+			line(r)
+			line(rule)
+			continue
+		}
 		line(r)
 	}
 	return b.String()

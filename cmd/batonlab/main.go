@@ -2,11 +2,13 @@
 // the command line. It needs root.
 //
 //	batonlab demo   anycast downloads spread over N batond nodes by ECMP,
-//	                every byte verified, each flow on the node predicted
+//	                every byte verified, each flow on the node predicted,
+//	                each flow's replicas checked (the nodes form a cluster)
 //	batonlab bench  Baton vs the Linux kernel on the same lab path:
 //	                single-flow throughput, new connections per second,
-//	                and a CPU profile of batond
-//	batonlab up     a live lab to poke at until Ctrl-C
+//	                and a CPU profile of batond; then what replication
+//	                costs: conn/s with vs without it, replica visibility
+//	batonlab up     a live lab (a cluster) to poke at until Ctrl-C
 //	batonlab help   usage
 //
 // Every subcommand builds its own lab (namespaces <prefix><hex>-c, -r,
@@ -14,8 +16,12 @@
 // and tears everything down when it ends, also on SIGINT or SIGTERM.
 //
 // Files: main.go (dispatch, prerequisites, signals, lab bring-up), client.go
-// (download helpers shared by the demos and the benchmark), demo.go,
-// bench.go, up.go, format.go (pure formatting and parsing helpers).
+// (download helpers shared by the demos and the benchmark), admin.go
+// (batond's admin API, metrics and CPU time, from the host), cluster.go
+// (the cluster of demo and up, and the demo's replication check), demo.go,
+// bench.go and benchreport.go (Baton vs the kernel, the report),
+// benchrepl.go (the replication figures), up.go, format.go (pure
+// formatting and parsing helpers).
 package main
 
 import (
@@ -55,12 +61,12 @@ var commands []command
 
 func init() {
 	commands = []command{
-		{"demo", "[-batond PATH] [-nodes 3] [-flows 12] [-size 250MB] [-v6]",
-			"downloads from the client over ECMP to N nodes, verified and checked against the predicted node", runDemo},
-		{"bench", "[-batond PATH] [-out docs/bench/latest.json] [-duration 10s] [-mtu 1500]",
-			"Baton vs the kernel on the same path: single-flow Gb/s, new conn/s, batond CPU profile", runBench},
-		{"up", "[-batond PATH] [-nodes 3]",
-			"build a lab, start the nodes, print how to use them, wait for Ctrl-C", runUp},
+		{"demo", "[-batond PATH] [-nodes 3] [-flows 12] [-size 250MB] [-v6] [-standalone]",
+			"downloads from the client over ECMP to N nodes (a cluster: 2 replicas per flow), verified, checked against the predicted node and the cluster view", runDemo},
+		{"bench", "[-batond PATH] [-out docs/bench/latest.json] [-duration 10s] [-mtu 1500] [-only kernel|replication]",
+			"Baton vs the kernel on the same path: single-flow Gb/s, new conn/s, batond CPU profile; replication: conn/s with vs without, replica visibility", runBench},
+		{"up", "[-batond PATH] [-nodes 3] [-standalone]",
+			"build a lab, start the nodes (a cluster), print how to use them, wait for Ctrl-C", runUp},
 		{"help", "[COMMAND]", "this text, or a command's flags", runHelp},
 	}
 }

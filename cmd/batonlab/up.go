@@ -1,7 +1,8 @@
 package main
 
 // This file is `batonlab up`: a live lab for poking at by hand. It builds
-// the lab, starts batond on every node, prints the namespaces, addresses,
+// the lab, starts batond on every node (as a cluster replicating every
+// flow to 2 peers, unless -standalone), prints the namespaces, addresses,
 // admin sockets and example commands, and waits for Ctrl-C or SIGTERM (or
 // a node dying) to tear it down.
 
@@ -18,8 +19,9 @@ import (
 )
 
 type upOpts struct {
-	batond string
-	nodes  int
+	batond     string
+	nodes      int
+	standalone bool
 }
 
 func parseUpArgs(args []string) (upOpts, *flag.FlagSet, error) {
@@ -27,6 +29,7 @@ func parseUpArgs(args []string) (upOpts, *flag.FlagSet, error) {
 	fs := newFlagSet("up")
 	fs.StringVar(&o.batond, "batond", defaultBatond(), "batond binary")
 	fs.IntVar(&o.nodes, "nodes", defaultDemoNodes, "anycast nodes (1.."+fmt.Sprint(lab.MaxNodes)+")")
+	fs.BoolVar(&o.standalone, "standalone", false, "run the nodes without the peer network (no replication; by default they form a cluster with 2 replicas per flow)")
 	if err := parseFlags(fs, args); err != nil {
 		return o, fs, err
 	}
@@ -65,9 +68,22 @@ func up(ctx context.Context, o upOpts) (err error) {
 			err = cerr
 		}
 	}()
+	k := 0
+	if !o.standalone {
+		if k, err = startCluster(l); err != nil {
+			return err
+		}
+	}
 	procs, err := startNodes(ctx, l, o.batond)
 	if err != nil {
 		return err
+	}
+	if k > 0 {
+		admins, err := connectCluster(ctx, l)
+		if err != nil {
+			return err
+		}
+		closeAdmins(admins)
 	}
 	batonctl := filepath.Join(filepath.Dir(o.batond), "batonctl")
 	if _, serr := os.Stat(batonctl); serr != nil {
@@ -96,9 +112,25 @@ echo 7, whoami udp/53. Try:
   ip netns exec %[3]s ip route
   %[4]s -admin unix:%[5]s stats
   %[4]s -admin unix:%[5]s health
-
-Ctrl-C (or SIGTERM) tears the lab down.
 `, c, l.Router.Name, l.Nodes[0].Name, batonctl, l.AdminSocket(0))
+	if k > 0 {
+		fmt.Printf(`
+The nodes replicate every flow's state to %[1]d peer(s). Keep a flow open and
+look it up (any node's admin socket gives the cluster view):
+
+  ip netns exec %[2]s curl -s -o /dev/null --limit-rate 100K --local-port 40000 'http://192.0.2.1/bytes?n=100000000&seed=1' &
+  %[3]s -admin unix:%[4]s flows
+  %[3]s -admin unix:%[4]s flows -local     # n1's own table: flows it owns, replicas it holds
+  %[3]s -admin unix:%[4]s flow '%[5]s:40000->192.0.2.1:80'
+  %[3]s -admin unix:%[4]s peers            # replication links: up, lag, flows, bytes
+`, k, c, batonctl, l.AdminSocket(0), l.ClientAddr4)
+		for i := 1; i < len(l.Nodes); i++ {
+			fmt.Printf("  %s -admin unix:%s peers\n", batonctl, l.AdminSocket(i))
+		}
+	} else {
+		fmt.Printf("\nThe nodes run standalone (-standalone): no peer network, no replication.\n")
+	}
+	fmt.Printf("\nCtrl-C (or SIGTERM) tears the lab down.\n")
 
 	// Wait for a signal, or for a node to die (then say which and stop).
 	cases := []reflect.SelectCase{{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(ctx.Done())}}
