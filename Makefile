@@ -5,7 +5,7 @@ GO       ?= go
 BIN      := bin
 PKGS     := ./...
 # Debian packages the lab and the tooling need (checked, installed if missing).
-DEB_PKGS := iproute2 protobuf-compiler ca-certificates
+DEB_PKGS := iproute2 protobuf-compiler ca-certificates bird2
 # Pinned protoc plugins (make proto).
 PROTOC_GEN_GO      := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
 PROTOC_GEN_GO_GRPC := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2

@@ -1,0 +1,6 @@
+package health
+
+import (
+	_ "github.com/osrg/gobgp/v3/api"
+	_ "github.com/osrg/gobgp/v3/pkg/server"
+)
