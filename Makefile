@@ -4,7 +4,9 @@
 GO       ?= go
 BIN      := bin
 PKGS     := ./...
-# Debian packages the lab and the tooling need (checked, installed if missing).
+# Debian packages the lab and the tooling need (checked, installed if missing;
+# a temporary policy-rc.d keeps their scripts from starting daemons such as
+# bird: the lab starts its own, inside its namespaces).
 DEB_PKGS := iproute2 protobuf-compiler ca-certificates bird2
 # Pinned protoc plugins (make proto).
 PROTOC_GEN_GO      := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
@@ -75,8 +77,11 @@ deps:
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
+	  rc=/usr/sbin/policy-rc.d; made=""; \
+	  if [ ! -e $$rc ]; then printf '#!/bin/sh\nexit 101\n' > $$rc && chmod +x $$rc && made=1; fi; \
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  st=$$?; [ -n "$$made" ] && rm -f $$rc; [ $$st -eq 0 ] || exit $$st; \
 	fi
 	@command -v $(GO) >/dev/null || { echo "go missing: install Go 1.26 (https://go.dev/dl) into /usr/local/go"; exit 1; }
 

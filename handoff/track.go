@@ -19,8 +19,17 @@ package handoff
 //
 // Known limits: data segments (no SYN/FIN/RST) are not checksum-verified, so
 // a corrupted one can move client_ack (never past server_next_seq) or a
-// TSval; flows the stack restores from another node (injected below the
-// hook chain) are not seen here and must be registered by the takeover.
+// TSval. Flows the stack restores from another node are handshaken below
+// the hook chain (injected), so the takeover registers them with Restore;
+// from then on the tracker sees their packets in the client's sequence
+// space like any other flow's (it is outside the translating hook).
+//
+// Positions. Besides the raw 32-bit sequence numbers, the tracker keeps
+// three unwrapped 64-bit byte counts (server payload bytes sent, of those
+// acknowledged by the client, client payload bytes acknowledged by the
+// server): each advances by the sequence-number delta of a newer value and
+// never goes backwards; SYN and FIN are not counted. A takeover restores a
+// connection from them (services.Resume's offsets).
 //
 // What the tracker believes. Outbound packets come from the local gVisor
 // stack and are trusted. Inbound packets are what a client (or anyone) sent
@@ -106,10 +115,11 @@ type ClosedStats struct {
 	RST      uint64 // RST either way
 	Idle     uint64 // no packet for IdleTimeout (HandshakeTimeout in the handshake)
 	Replaced uint64 // the stack accepted a new connection on the same 4-tuple
+	Moved    uint64 // another node took the flow over (Remove)
 }
 
 // Total is the sum of every reason.
-func (c ClosedStats) Total() uint64 { return c.FIN + c.RST + c.Idle + c.Replaced }
+func (c ClosedStats) Total() uint64 { return c.FIN + c.RST + c.Idle + c.Replaced + c.Moved }
 
 // CheckpointRejectStats count checkpoints SetCheckpoint refused, by reason.
 type CheckpointRejectStats struct {
@@ -125,7 +135,10 @@ type TrackerStats struct {
 	Tracked int    // flows in the table now (any phase)
 	Created uint64 // flows that entered the table (client SYN)
 	Opened  uint64 // flows that completed the handshake
-	Closed  ClosedStats
+	// Restored counts flows registered by Restore (taken over from
+	// another node).
+	Restored uint64
+	Closed   ClosedStats
 	// Untracked counts new flows refused because the table was full: the
 	// stack serves them, but they are not replicated.
 	Untracked uint64
@@ -160,12 +173,49 @@ type trkState struct {
 	clientAck, serverAck     uint32
 	clientFin, serverFin     bool
 
+	// Unwrapped positions (see the file comment): sent counts server
+	// payload bytes, cliAcked the client's acks of them (reported capped
+	// at sent: the ack of the FIN is not a byte), srvAcked the server's
+	// acks of client payload (capped at the client's FIN).
+	sent, cliAcked, srvAcked trkPos
+
 	// checkpoint is never modified after SetCheckpoint stored it (a new
 	// checkpoint replaces the slice), so snapshots share it.
-	checkpoint    []byte
-	checkpointSeq uint32
+	checkpoint       []byte
+	checkpointSeq    uint32
+	checkpointOffset uint64
+
+	// history is the ownership history, newest last (at most
+	// trkMaxHistory); like checkpoint it is replaced, never modified.
+	history []*batonv1.OwnershipChange
 
 	opened, updated int64 // unix nanoseconds
+}
+
+// trkMaxHistory bounds a flow's ownership history.
+const trkMaxHistory = 16
+
+// trkPos is a 64-bit byte position unwrapped from 32-bit sequence numbers:
+// pos is the byte count at sequence number at.
+type trkPos struct {
+	pos uint64
+	at  uint32
+}
+
+// advance moves the position to sequence number v if v is after it.
+func (p *trkPos) advance(v uint32) bool {
+	if !tcpSeqAfter(v, p.at) {
+		return false
+	}
+	p.pos += uint64(v - p.at)
+	p.at = v
+	return true
+}
+
+// trkPosAt is position pos of a byte stream whose byte 0 has sequence
+// number first.
+func trkPosAt(first uint32, pos uint64) trkPos {
+	return trkPos{pos: pos, at: first + uint32(pos)}
 }
 
 // Change bits: what changed since the flow was last taken.
@@ -243,10 +293,10 @@ type Tracker struct {
 
 	created, opened                  atomic.Uint64
 	closedFIN, closedRST, closedIdle atomic.Uint64
-	closedReplaced                   atomic.Uint64
+	closedReplaced, closedMoved      atomic.Uint64
 	untracked, malformed             atomic.Uint64
 	badChecksum, fragments           atomic.Uint64
-	ignoredSYN                       atomic.Uint64
+	ignoredSYN, restored             atomic.Uint64
 	ckptTooLarge, ckptUnknown        atomic.Uint64
 }
 
@@ -398,12 +448,15 @@ func (t *Tracker) inboundLocked(sh *trkShard, hk *trkKey, seg *tcpSegment, now i
 		st.phase = batonv1.FlowPhase_FLOW_PHASE_ESTABLISHED
 		st.opened = now
 		st.clientAck = seg.ack
+		st.cliAcked.advance(seg.ack)
+		st.history = []*batonv1.OwnershipChange{{Node: t.cfg.Node, Epoch: st.epoch, How: HowOpen, UnixNano: now}}
 		f.pendSyn = false
 		t.opened.Add(1)
 		changed = true
 	}
 	if tcpSeqInRange(seg.ack, st.clientAck, st.serverNext) {
 		st.clientAck = seg.ack
+		st.cliAcked.advance(seg.ack)
 		changed = true
 	}
 	if ts, ok := tcpTSval(seg.opts); ok && tcpSeqAfter(ts, st.clientTSval) {
@@ -521,8 +574,16 @@ func (t *Tracker) outboundLocked(sh *trkShard, hk *trkKey, seg *tcpSegment, now 
 		st.serverNext = end
 		changed = true
 	}
+	if seg.payloadLen > 0 && st.sent.advance(seg.seq+seg.payloadLen) {
+		changed = true
+	}
 	if seg.flags&header.TCPFlagAck != 0 && tcpSeqAfter(seg.ack, st.serverAck) {
 		st.serverAck = seg.ack
+		v := seg.ack
+		if st.clientFin && tcpSeqAfter(v, f.clientFinSeq) {
+			v = f.clientFinSeq // the ack of the FIN is not a byte
+		}
+		st.srvAcked.advance(v)
 		changed = true
 	}
 	f.serverWnd = uint32(seg.window) << max(trkScale(st.serverWS, st.clientWS), 0)
@@ -578,6 +639,9 @@ func (t *Tracker) serverSYNACKLocked(sh *trkShard, f *trkFlow, seg *tcpSegment, 
 	st.serverNext = seg.seq + 1
 	st.serverAck = seg.ack
 	st.clientAck = seg.seq
+	st.sent = trkPosAt(seg.seq+1, 0)
+	st.cliAcked = trkPosAt(seg.seq+1, 0)
+	st.srvAcked = trkPosAt(st.clientISN+1, 0)
 	f.serverWnd = uint32(seg.window) // never scaled in a SYN-ACK
 	st.updated = max(st.updated, now)
 }

@@ -37,9 +37,9 @@ type trkPending struct {
 // when it closed after its open was reported; a flow that closed before
 // its open was taken is never reported.
 //
-// The snapshots share their Checkpoint bytes with the tracker; they are
-// never modified (a new checkpoint replaces the slice), and receivers must
-// not modify them either.
+// The snapshots share their Checkpoint bytes and History entries with the
+// tracker; they are never modified (a new checkpoint or history replaces
+// the slice), and receivers must not modify them either.
 func (t *Tracker) TakeChanges(dst []Change) []Change {
 	var pending []trkPending
 	for i := range t.shards {
@@ -144,7 +144,9 @@ func (t *Tracker) SetEpoch(k FlowKey, epoch uint64) bool {
 
 // SetCheckpoint stores a copy of data as flow k's checkpoint, valid at
 // server sequence number server_isn + 1 + written (mod 2^32): written is
-// how many bytes the service had written to the connection. A checkpoint
+// the service's output offset, the bytes it had written since the start of
+// the connection (on any node: a restored connection's service starts at
+// its resume offset), and is reported as checkpoint_offset. A checkpoint
 // larger than MaxCheckpointBytes, or for a flow not tracked past the
 // SYN-ACK, is refused and counted (Stats().CheckpointRejected).
 func (t *Tracker) SetCheckpoint(k FlowKey, written uint64, data []byte) {
@@ -166,6 +168,7 @@ func (t *Tracker) SetCheckpoint(k FlowKey, written uint64, data []byte) {
 	}
 	f.st.checkpoint = cp
 	f.st.checkpointSeq = f.st.serverISN + 1 + uint32(written)
+	f.st.checkpointOffset = written
 	f.st.updated = max(f.st.updated, now)
 	t.touchLocked(sh, f, trkChgCheckpoint)
 	sh.mu.Unlock()
@@ -218,6 +221,12 @@ func (t *Tracker) snapshot(st *trkState) *batonv1.FlowState {
 
 		OpenedUnixNano:  st.opened,
 		UpdatedUnixNano: st.updated,
+
+		ServerSentBytes:  st.sent.pos,
+		ClientAckedBytes: min(st.cliAcked.pos, st.sent.pos),
+		ServerAckedBytes: st.srvAcked.pos,
+		CheckpointOffset: st.checkpointOffset,
+		History:          st.history,
 	}
 }
 
@@ -284,14 +293,16 @@ func (t *Tracker) Run(ctx context.Context) {
 // Stats returns the tracker's counters.
 func (t *Tracker) Stats() TrackerStats {
 	return TrackerStats{
-		Tracked: t.Len(),
-		Created: t.created.Load(),
-		Opened:  t.opened.Load(),
+		Tracked:  t.Len(),
+		Created:  t.created.Load(),
+		Opened:   t.opened.Load(),
+		Restored: t.restored.Load(),
 		Closed: ClosedStats{
 			FIN:      t.closedFIN.Load(),
 			RST:      t.closedRST.Load(),
 			Idle:     t.closedIdle.Load(),
 			Replaced: t.closedReplaced.Load(),
+			Moved:    t.closedMoved.Load(),
 		},
 		Untracked:   t.untracked.Load(),
 		Malformed:   t.malformed.Load(),

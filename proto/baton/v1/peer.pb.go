@@ -381,10 +381,21 @@ func (x *ClaimRequest) GetEpoch() uint64 {
 }
 
 type ClaimResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Granted       bool                   `protobuf:"varint,1,opt,name=granted,proto3" json:"granted,omitempty"`
-	State         *FlowState             `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
-	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Granted bool                   `protobuf:"varint,1,opt,name=granted,proto3" json:"granted,omitempty"`
+	// When granted: the flow's exact state at fence time, with the epoch the
+	// claimer owns it at.
+	State *FlowState `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	// When refused: a short stable reason ("not_owner", "busy",
+	// "cannot_resume", "stale_epoch", ...).
+	Reason string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	// Output the owner's service had produced beyond the client's
+	// acknowledgement, when the service can provide it (live migration).
+	Pending []byte `protobuf:"bytes,4,opt,name=pending,proto3" json:"pending,omitempty"`
+	// When refused with "not_owner": who the callee believes owns the flow,
+	// and at which epoch (empty when it does not know).
+	OwnerHint     string `protobuf:"bytes,5,opt,name=owner_hint,json=ownerHint,proto3" json:"owner_hint,omitempty"`
+	OwnerEpoch    uint64 `protobuf:"varint,6,opt,name=owner_epoch,json=ownerEpoch,proto3" json:"owner_epoch,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -438,6 +449,27 @@ func (x *ClaimResponse) GetReason() string {
 		return x.Reason
 	}
 	return ""
+}
+
+func (x *ClaimResponse) GetPending() []byte {
+	if x != nil {
+		return x.Pending
+	}
+	return nil
+}
+
+func (x *ClaimResponse) GetOwnerHint() string {
+	if x != nil {
+		return x.OwnerHint
+	}
+	return ""
+}
+
+func (x *ClaimResponse) GetOwnerEpoch() uint64 {
+	if x != nil {
+		return x.OwnerEpoch
+	}
+	return 0
 }
 
 type ReleaseRequest struct {
@@ -544,6 +576,112 @@ func (x *ReleaseResponse) GetOk() bool {
 	return false
 }
 
+type ForwardBatch struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Sender's node name; must match its certificate.
+	Sender string `protobuf:"bytes,1,opt,name=sender,proto3" json:"sender,omitempty"`
+	// Whole IP packets as the sender's TUN read them.
+	Packets       [][]byte `protobuf:"bytes,2,rep,name=packets,proto3" json:"packets,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForwardBatch) Reset() {
+	*x = ForwardBatch{}
+	mi := &file_baton_v1_peer_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForwardBatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForwardBatch) ProtoMessage() {}
+
+func (x *ForwardBatch) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_peer_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForwardBatch.ProtoReflect.Descriptor instead.
+func (*ForwardBatch) Descriptor() ([]byte, []int) {
+	return file_baton_v1_peer_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *ForwardBatch) GetSender() string {
+	if x != nil {
+		return x.Sender
+	}
+	return ""
+}
+
+func (x *ForwardBatch) GetPackets() [][]byte {
+	if x != nil {
+		return x.Packets
+	}
+	return nil
+}
+
+type ForwardAck struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Accepted      uint64                 `protobuf:"varint,1,opt,name=accepted,proto3" json:"accepted,omitempty"`
+	Rejected      uint64                 `protobuf:"varint,2,opt,name=rejected,proto3" json:"rejected,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForwardAck) Reset() {
+	*x = ForwardAck{}
+	mi := &file_baton_v1_peer_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForwardAck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForwardAck) ProtoMessage() {}
+
+func (x *ForwardAck) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_peer_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForwardAck.ProtoReflect.Descriptor instead.
+func (*ForwardAck) Descriptor() ([]byte, []int) {
+	return file_baton_v1_peer_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *ForwardAck) GetAccepted() uint64 {
+	if x != nil {
+		return x.Accepted
+	}
+	return 0
+}
+
+func (x *ForwardAck) GetRejected() uint64 {
+	if x != nil {
+		return x.Rejected
+	}
+	return 0
+}
+
 var File_baton_v1_peer_proto protoreflect.FileDescriptor
 
 const file_baton_v1_peer_proto_rawDesc = "" +
@@ -572,23 +710,36 @@ const file_baton_v1_peer_proto_rawDesc = "" +
 	"\fClaimRequest\x12#\n" +
 	"\x03key\x18\x01 \x01(\v2\x11.baton.v1.FlowKeyR\x03key\x12\x18\n" +
 	"\aclaimer\x18\x02 \x01(\tR\aclaimer\x12\x14\n" +
-	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\"l\n" +
+	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\"\xc6\x01\n" +
 	"\rClaimResponse\x12\x18\n" +
 	"\agranted\x18\x01 \x01(\bR\agranted\x12)\n" +
 	"\x05state\x18\x02 \x01(\v2\x13.baton.v1.FlowStateR\x05state\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"h\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x18\n" +
+	"\apending\x18\x04 \x01(\fR\apending\x12\x1d\n" +
+	"\n" +
+	"owner_hint\x18\x05 \x01(\tR\townerHint\x12\x1f\n" +
+	"\vowner_epoch\x18\x06 \x01(\x04R\n" +
+	"ownerEpoch\"h\n" +
 	"\x0eReleaseRequest\x12#\n" +
 	"\x03key\x18\x01 \x01(\v2\x11.baton.v1.FlowKeyR\x03key\x12\x1b\n" +
 	"\tnew_owner\x18\x02 \x01(\tR\bnewOwner\x12\x14\n" +
 	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\"!\n" +
 	"\x0fReleaseResponse\x12\x0e\n" +
-	"\x02ok\x18\x01 \x01(\bR\x02ok2\xb7\x02\n" +
+	"\x02ok\x18\x01 \x01(\bR\x02ok\"@\n" +
+	"\fForwardBatch\x12\x16\n" +
+	"\x06sender\x18\x01 \x01(\tR\x06sender\x12\x18\n" +
+	"\apackets\x18\x02 \x03(\fR\apackets\"D\n" +
+	"\n" +
+	"ForwardAck\x12\x1a\n" +
+	"\baccepted\x18\x01 \x01(\x04R\baccepted\x12\x1a\n" +
+	"\brejected\x18\x02 \x01(\x04R\brejected2\xf2\x02\n" +
 	"\x04Peer\x128\n" +
 	"\tReplicate\x12\x13.baton.v1.FlowBatch\x1a\x12.baton.v1.BatchAck(\x010\x01\x12;\n" +
 	"\x06Lookup\x12\x17.baton.v1.LookupRequest\x1a\x18.baton.v1.LookupResponse\x12>\n" +
 	"\tListOwned\x12\x1a.baton.v1.ListOwnedRequest\x1a\x13.baton.v1.FlowState0\x01\x128\n" +
 	"\x05Claim\x12\x16.baton.v1.ClaimRequest\x1a\x17.baton.v1.ClaimResponse\x12>\n" +
-	"\aRelease\x12\x18.baton.v1.ReleaseRequest\x1a\x19.baton.v1.ReleaseResponseB7Z5github.com/baton-anycast/baton/proto/baton/v1;batonv1b\x06proto3"
+	"\aRelease\x12\x18.baton.v1.ReleaseRequest\x1a\x19.baton.v1.ReleaseResponse\x129\n" +
+	"\aForward\x12\x16.baton.v1.ForwardBatch\x1a\x14.baton.v1.ForwardAck(\x01B7Z5github.com/baton-anycast/baton/proto/baton/v1;batonv1b\x06proto3"
 
 var (
 	file_baton_v1_peer_proto_rawDescOnce sync.Once
@@ -602,7 +753,7 @@ func file_baton_v1_peer_proto_rawDescGZIP() []byte {
 	return file_baton_v1_peer_proto_rawDescData
 }
 
-var file_baton_v1_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_baton_v1_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_baton_v1_peer_proto_goTypes = []any{
 	(*FlowBatch)(nil),        // 0: baton.v1.FlowBatch
 	(*BatchAck)(nil),         // 1: baton.v1.BatchAck
@@ -613,29 +764,33 @@ var file_baton_v1_peer_proto_goTypes = []any{
 	(*ClaimResponse)(nil),    // 6: baton.v1.ClaimResponse
 	(*ReleaseRequest)(nil),   // 7: baton.v1.ReleaseRequest
 	(*ReleaseResponse)(nil),  // 8: baton.v1.ReleaseResponse
-	(*FlowEvent)(nil),        // 9: baton.v1.FlowEvent
-	(*FlowKey)(nil),          // 10: baton.v1.FlowKey
-	(*FlowState)(nil),        // 11: baton.v1.FlowState
+	(*ForwardBatch)(nil),     // 9: baton.v1.ForwardBatch
+	(*ForwardAck)(nil),       // 10: baton.v1.ForwardAck
+	(*FlowEvent)(nil),        // 11: baton.v1.FlowEvent
+	(*FlowKey)(nil),          // 12: baton.v1.FlowKey
+	(*FlowState)(nil),        // 13: baton.v1.FlowState
 }
 var file_baton_v1_peer_proto_depIdxs = []int32{
-	9,  // 0: baton.v1.FlowBatch.events:type_name -> baton.v1.FlowEvent
-	10, // 1: baton.v1.LookupRequest.key:type_name -> baton.v1.FlowKey
-	11, // 2: baton.v1.LookupResponse.state:type_name -> baton.v1.FlowState
-	10, // 3: baton.v1.ClaimRequest.key:type_name -> baton.v1.FlowKey
-	11, // 4: baton.v1.ClaimResponse.state:type_name -> baton.v1.FlowState
-	10, // 5: baton.v1.ReleaseRequest.key:type_name -> baton.v1.FlowKey
+	11, // 0: baton.v1.FlowBatch.events:type_name -> baton.v1.FlowEvent
+	12, // 1: baton.v1.LookupRequest.key:type_name -> baton.v1.FlowKey
+	13, // 2: baton.v1.LookupResponse.state:type_name -> baton.v1.FlowState
+	12, // 3: baton.v1.ClaimRequest.key:type_name -> baton.v1.FlowKey
+	13, // 4: baton.v1.ClaimResponse.state:type_name -> baton.v1.FlowState
+	12, // 5: baton.v1.ReleaseRequest.key:type_name -> baton.v1.FlowKey
 	0,  // 6: baton.v1.Peer.Replicate:input_type -> baton.v1.FlowBatch
 	2,  // 7: baton.v1.Peer.Lookup:input_type -> baton.v1.LookupRequest
 	4,  // 8: baton.v1.Peer.ListOwned:input_type -> baton.v1.ListOwnedRequest
 	5,  // 9: baton.v1.Peer.Claim:input_type -> baton.v1.ClaimRequest
 	7,  // 10: baton.v1.Peer.Release:input_type -> baton.v1.ReleaseRequest
-	1,  // 11: baton.v1.Peer.Replicate:output_type -> baton.v1.BatchAck
-	3,  // 12: baton.v1.Peer.Lookup:output_type -> baton.v1.LookupResponse
-	11, // 13: baton.v1.Peer.ListOwned:output_type -> baton.v1.FlowState
-	6,  // 14: baton.v1.Peer.Claim:output_type -> baton.v1.ClaimResponse
-	8,  // 15: baton.v1.Peer.Release:output_type -> baton.v1.ReleaseResponse
-	11, // [11:16] is the sub-list for method output_type
-	6,  // [6:11] is the sub-list for method input_type
+	9,  // 11: baton.v1.Peer.Forward:input_type -> baton.v1.ForwardBatch
+	1,  // 12: baton.v1.Peer.Replicate:output_type -> baton.v1.BatchAck
+	3,  // 13: baton.v1.Peer.Lookup:output_type -> baton.v1.LookupResponse
+	13, // 14: baton.v1.Peer.ListOwned:output_type -> baton.v1.FlowState
+	6,  // 15: baton.v1.Peer.Claim:output_type -> baton.v1.ClaimResponse
+	8,  // 16: baton.v1.Peer.Release:output_type -> baton.v1.ReleaseResponse
+	10, // 17: baton.v1.Peer.Forward:output_type -> baton.v1.ForwardAck
+	12, // [12:18] is the sub-list for method output_type
+	6,  // [6:12] is the sub-list for method input_type
 	6,  // [6:6] is the sub-list for extension type_name
 	6,  // [6:6] is the sub-list for extension extendee
 	0,  // [0:6] is the sub-list for field type_name
@@ -653,7 +808,7 @@ func file_baton_v1_peer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_baton_v1_peer_proto_rawDesc), len(file_baton_v1_peer_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   9,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -27,6 +27,7 @@ const (
 	Peer_ListOwned_FullMethodName = "/baton.v1.Peer/ListOwned"
 	Peer_Claim_FullMethodName     = "/baton.v1.Peer/Claim"
 	Peer_Release_FullMethodName   = "/baton.v1.Peer/Release"
+	Peer_Forward_FullMethodName   = "/baton.v1.Peer/Forward"
 )
 
 // PeerClient is the client API for Peer service.
@@ -44,11 +45,17 @@ type PeerClient interface {
 	// ListOwned streams the flows the callee owns (for cluster-wide views).
 	ListOwned(ctx context.Context, in *ListOwnedRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[FlowState], error)
 	// Claim asks the owner to hand a flow over to the caller (live
-	// migration). Implemented by the takeover work.
+	// migration): the owner fences the flow (it stops emitting for it),
+	// returns its exact state and aborts its own connection silently. A
+	// designated replica of a dead owner's flow restores it first if needed.
 	Claim(ctx context.Context, in *ClaimRequest, opts ...grpc.CallOption) (*ClaimResponse, error)
 	// Release tells a node that the caller now owns a flow at a new epoch,
-	// so it must stop sending for it. Implemented by the takeover work.
+	// so it must stop sending for it.
 	Release(ctx context.Context, in *ReleaseRequest, opts ...grpc.CallOption) (*ReleaseResponse, error)
+	// Forward carries client packets of flows the callee owns that reached
+	// the caller (takeover policy "forward"): the callee passes them through
+	// its hook chain into its stack, and answers the client directly.
+	Forward(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ForwardBatch, ForwardAck], error)
 }
 
 type peerClient struct {
@@ -121,6 +128,19 @@ func (c *peerClient) Release(ctx context.Context, in *ReleaseRequest, opts ...gr
 	return out, nil
 }
 
+func (c *peerClient) Forward(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ForwardBatch, ForwardAck], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Peer_ServiceDesc.Streams[2], Peer_Forward_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ForwardBatch, ForwardAck]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Peer_ForwardClient = grpc.ClientStreamingClient[ForwardBatch, ForwardAck]
+
 // PeerServer is the server API for Peer service.
 // All implementations must embed UnimplementedPeerServer
 // for forward compatibility.
@@ -136,11 +156,17 @@ type PeerServer interface {
 	// ListOwned streams the flows the callee owns (for cluster-wide views).
 	ListOwned(*ListOwnedRequest, grpc.ServerStreamingServer[FlowState]) error
 	// Claim asks the owner to hand a flow over to the caller (live
-	// migration). Implemented by the takeover work.
+	// migration): the owner fences the flow (it stops emitting for it),
+	// returns its exact state and aborts its own connection silently. A
+	// designated replica of a dead owner's flow restores it first if needed.
 	Claim(context.Context, *ClaimRequest) (*ClaimResponse, error)
 	// Release tells a node that the caller now owns a flow at a new epoch,
-	// so it must stop sending for it. Implemented by the takeover work.
+	// so it must stop sending for it.
 	Release(context.Context, *ReleaseRequest) (*ReleaseResponse, error)
+	// Forward carries client packets of flows the callee owns that reached
+	// the caller (takeover policy "forward"): the callee passes them through
+	// its hook chain into its stack, and answers the client directly.
+	Forward(grpc.ClientStreamingServer[ForwardBatch, ForwardAck]) error
 	mustEmbedUnimplementedPeerServer()
 }
 
@@ -165,6 +191,9 @@ func (UnimplementedPeerServer) Claim(context.Context, *ClaimRequest) (*ClaimResp
 }
 func (UnimplementedPeerServer) Release(context.Context, *ReleaseRequest) (*ReleaseResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Release not implemented")
+}
+func (UnimplementedPeerServer) Forward(grpc.ClientStreamingServer[ForwardBatch, ForwardAck]) error {
+	return status.Error(codes.Unimplemented, "method Forward not implemented")
 }
 func (UnimplementedPeerServer) mustEmbedUnimplementedPeerServer() {}
 func (UnimplementedPeerServer) testEmbeddedByValue()              {}
@@ -259,6 +288,13 @@ func _Peer_Release_Handler(srv interface{}, ctx context.Context, dec func(interf
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Peer_Forward_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(PeerServer).Forward(&grpc.GenericServerStream[ForwardBatch, ForwardAck]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Peer_ForwardServer = grpc.ClientStreamingServer[ForwardBatch, ForwardAck]
+
 // Peer_ServiceDesc is the grpc.ServiceDesc for Peer service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -290,6 +326,11 @@ var Peer_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "ListOwned",
 			Handler:       _Peer_ListOwned_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "Forward",
+			Handler:       _Peer_Forward_Handler,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "baton/v1/peer.proto",
