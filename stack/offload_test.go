@@ -106,21 +106,7 @@ func TestServicesOverStackGSO(t *testing.T) {
 	t.Cleanup(func() { sw.Close(); c.Close() })
 
 	for _, addr := range []netip.Addr{stacktest.Anycast4, stacktest.Anycast6} {
-		t.Run("stream/"+addr.String(), func(t *testing.T) {
-			conn, err := c.DialTCP(ctxT(t), netip.AddrPortFrom(addr, 9000))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer conn.Close()
-			const size, seed = 8<<20 + 17, 43
-			if _, err := io.WriteString(conn, services.StreamRequest(size, seed)); err != nil {
-				t.Fatal(err)
-			}
-			got, ok, err := services.ReadStream(conn, size, seed)
-			if err != nil || !ok || got != size {
-				t.Fatalf("stream: got %d bytes, ok=%v, err=%v", got, ok, err)
-			}
-		})
+		t.Run("stream/"+addr.String(), func(t *testing.T) { checkStream(t, c, addr, 8<<20+17, 43) })
 		t.Run("echo/"+addr.String(), func(t *testing.T) {
 			conn, err := c.DialTCP(ctxT(t), netip.AddrPortFrom(addr, 7))
 			if err != nil {

@@ -77,6 +77,24 @@ func newLab(t *testing.T) (*stacktest.Client, *node) {
 	return c, n
 }
 
+// checkStream downloads size bytes of seed from the stream service and
+// checks every byte.
+func checkStream(t *testing.T, c *stacktest.Client, addr netip.Addr, size, seed uint64) {
+	t.Helper()
+	conn, err := c.DialTCP(ctxT(t), netip.AddrPortFrom(addr, 9000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, services.StreamRequest(size, seed)); err != nil {
+		t.Fatal(err)
+	}
+	got, ok, err := services.ReadStream(conn, size, seed)
+	if err != nil || !ok || uint64(got) != size {
+		t.Fatalf("stream: got %d bytes, ok=%v, err=%v", got, ok, err)
+	}
+}
+
 func ctxT(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
@@ -86,21 +104,7 @@ func ctxT(t *testing.T) context.Context {
 func TestServicesOverStack(t *testing.T) {
 	c, n := newLab(t)
 	for _, addr := range []netip.Addr{stacktest.Anycast4, stacktest.Anycast6} {
-		t.Run("stream/"+addr.String(), func(t *testing.T) {
-			conn, err := c.DialTCP(ctxT(t), netip.AddrPortFrom(addr, 9000))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer conn.Close()
-			const size, seed = 3<<20 + 17, 42
-			if _, err := io.WriteString(conn, services.StreamRequest(size, seed)); err != nil {
-				t.Fatal(err)
-			}
-			got, ok, err := services.ReadStream(conn, size, seed)
-			if err != nil || !ok || got != size {
-				t.Fatalf("stream: got %d bytes, ok=%v, err=%v", got, ok, err)
-			}
-		})
+		t.Run("stream/"+addr.String(), func(t *testing.T) { checkStream(t, c, addr, 3<<20+17, 42) })
 		t.Run("echo/"+addr.String(), func(t *testing.T) {
 			conn, err := c.DialTCP(ctxT(t), netip.AddrPortFrom(addr, 7))
 			if err != nil {
