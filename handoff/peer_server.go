@@ -185,6 +185,9 @@ func (s *peerServer) apply(sender string, b *batonv1.FlowBatch, inResync *bool, 
 			continue
 		}
 		ack.Accepted++
+		if e := r.engine.Load(); e != nil && res.Held {
+			e.foreignState(ev.State)
+		}
 		if *inResync {
 			if res.Held {
 				(*keep)[res.Key] = struct{}{}
@@ -245,14 +248,98 @@ func (s *peerServer) ListOwned(_ *batonv1.ListOwnedRequest, stream batonv1.Peer_
 	return nil
 }
 
-// Claim is implemented by the takeover work.
-func (s *peerServer) Claim(context.Context, *batonv1.ClaimRequest) (*batonv1.ClaimResponse, error) {
-	return nil, status.Error(codes.Unimplemented, "Claim is implemented by the takeover work")
+// callerAs authorizes a call made on behalf of the node named claimed: it
+// must be a configured peer and, with TLS, the name in the caller's
+// certificate.
+func (s *peerServer) callerAs(ctx context.Context, claimed string) (string, error) {
+	names, addr := identity(ctx)
+	if reason, detail := s.authorizeSender(claimed, names); reason != "" {
+		label := "unknown"
+		if s.r.members.IsPeer(claimed) {
+			label = claimed
+		}
+		s.r.rejects.add(label, reason, 1, detail, "remote", addr)
+		return "", status.Errorf(codes.PermissionDenied, "%s: %s", reason, detail)
+	}
+	return claimed, nil
 }
 
-// Release is implemented by the takeover work.
-func (s *peerServer) Release(context.Context, *batonv1.ReleaseRequest) (*batonv1.ReleaseResponse, error) {
-	return nil, status.Error(codes.Unimplemented, "Release is implemented by the takeover work")
+// Claim hands a flow this node owns over to the caller (claim.go).
+func (s *peerServer) Claim(ctx context.Context, req *batonv1.ClaimRequest) (*batonv1.ClaimResponse, error) {
+	caller, err := s.callerAs(ctx, req.GetClaimer())
+	if err != nil {
+		return nil, err
+	}
+	e := s.r.engine.Load()
+	if e == nil {
+		return &batonv1.ClaimResponse{Reason: claimNoTakeover}, nil
+	}
+	resp, err := e.handleClaim(ctx, caller, req)
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	return resp, nil
+}
+
+// Release makes this node give up a flow the caller owns at a higher
+// epoch (claim.go).
+func (s *peerServer) Release(ctx context.Context, req *batonv1.ReleaseRequest) (*batonv1.ReleaseResponse, error) {
+	caller, err := s.callerAs(ctx, req.GetNewOwner())
+	if err != nil {
+		return nil, err
+	}
+	e := s.r.engine.Load()
+	if e == nil {
+		return &batonv1.ReleaseResponse{}, nil
+	}
+	resp, err := e.handleRelease(caller, req)
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	return resp, nil
+}
+
+// Forward delivers client packets the caller tunnels to this node, the
+// owner of their flows (forward.go).
+func (s *peerServer) Forward(stream batonv1.Peer_ForwardServer) error {
+	var (
+		sender string
+		ack    batonv1.ForwardAck
+		seen   = map[FlowKey]bool{}
+	)
+	for {
+		b, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return stream.SendAndClose(&ack)
+		}
+		if err != nil {
+			return err
+		}
+		if sender == "" {
+			if sender, err = s.callerAs(stream.Context(), b.Sender); err != nil {
+				return err
+			}
+		} else if b.Sender != sender {
+			return status.Errorf(codes.PermissionDenied, "%s: sender changed within a stream", RejectIdentityMismatch)
+		}
+		e := s.r.engine.Load()
+		for _, pkt := range b.Packets {
+			if e == nil {
+				ack.Rejected++
+				continue
+			}
+			k, ok := e.forwardIn(pkt)
+			if !ok {
+				ack.Rejected++
+				continue
+			}
+			ack.Accepted++
+			if !seen[k] && len(seen) < 4096 {
+				seen[k] = true
+				e.tr.AddHistory(k, sender, HowForward)
+			}
+		}
+	}
 }
 
 // countingCreds counts failed TLS handshakes on the peer listener (a

@@ -17,6 +17,7 @@ import (
 	"net/netip"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -100,6 +101,10 @@ type Replication struct {
 	collector  *replCollector
 
 	insecureWarn sync.Once
+
+	// engine answers Claim, Release and Forward and watches replicated
+	// epochs (takeover.go); nil when no takeover engine runs.
+	engine atomic.Pointer[Engine]
 
 	mu      sync.Mutex
 	started bool
@@ -348,6 +353,16 @@ func (r *Replication) clientFor(l *link) batonv1.PeerClient {
 		return nil
 	}
 	return l.client
+}
+
+// peerClient returns the client of a live peer by name (nil when it is
+// down, unknown, or replication is not running).
+func (r *Replication) peerClient(name string) batonv1.PeerClient {
+	l := r.linkByName[name]
+	if l == nil {
+		return nil
+	}
+	return r.clientFor(l)
 }
 
 // LookupCluster returns every copy of a flow's state in the cluster: this

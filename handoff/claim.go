@@ -1,0 +1,206 @@
+package handoff
+
+// This file is the hand-over of a live flow between two nodes: the Claim
+// RPC (the claimer's call and the owner's answer) and Release.
+//
+// The owner's side of a claim (handOver), in this order:
+//
+//  1. fence: the flow's entry goes to esHold, so the fence hook (outside
+//     the flow tracker) drops every packet of it both ways from now on,
+//     silently: no RST, no FIN (pitfall 4);
+//  2. snapshot: the tracker's state now is exactly what the client saw
+//     (every packet that can still reach it was recorded before the fence
+//     could drop it; see takeover_hook.go);
+//  3. ask the service whether that state can be continued (CanResume); if
+//     not, lift the fence (the few dropped packets are retransmitted) and
+//     refuse with cannot_resume: the flow stays here and the claimer
+//     tunnels its packets instead;
+//  4. abort the local connection (its RST dies at the fence), forget the
+//     flow in the tracker, keep it as esMoved (outbound dropped) for a
+//     while, and grant with the new epoch.
+//
+// No two nodes send data for one flow after a claim completes: the owner
+// stopped before it answered.
+//
+// A node that does not own the flow answers not_owner with what it knows
+// (hint), except the designated replica of a dead owner's flow, which
+// restores the flow first (a push) and then hands it over: that way only
+// one node ever restores a dead owner's flow.
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"time"
+
+	batonv1 "github.com/baton-anycast/baton/proto/baton/v1"
+)
+
+// claimFrom asks peer to hand k over at (at least) epoch.
+func (e *Engine) claimFrom(ctx context.Context, peer string, k FlowKey, epoch uint64) (*batonv1.ClaimResponse, error) {
+	c := e.r.peerClient(peer)
+	if c == nil {
+		return nil, errors.New("peer " + peer + " is down")
+	}
+	ctx, cancel := context.WithTimeout(ctx, claimTimeout)
+	defer cancel()
+	return c.Claim(ctx, &batonv1.ClaimRequest{Key: k.Proto(), Claimer: e.self, Epoch: epoch})
+}
+
+func refuse(reason string) *batonv1.ClaimResponse { return &batonv1.ClaimResponse{Reason: reason} }
+
+// handleClaim answers a peer's Claim (caller is its authenticated name).
+func (e *Engine) handleClaim(ctx context.Context, caller string, req *batonv1.ClaimRequest) (*batonv1.ClaimResponse, error) {
+	k, err := KeyFromProto(req.GetKey())
+	if err != nil {
+		return nil, err
+	}
+	if !prefixesContain(e.prefixes, k.Anycast.Addr()) {
+		return nil, reject(RejectNotAnycast, "%s is outside the anycast prefixes", k.Anycast.Addr())
+	}
+	if e.closed.Load() {
+		return refuse(claimNoTakeover), nil
+	}
+	if f := e.lookup(k); f != nil {
+		f.mu.Lock()
+		st, run, owner, epoch, reason := f.get(), f.run, f.owner, f.epoch, f.reason
+		f.mu.Unlock()
+		switch st {
+		case esRestoring:
+			if run != nil {
+				wctx, cancel := context.WithTimeout(ctx, waitRestoreBound)
+				select {
+				case <-run.done:
+				case <-wctx.Done():
+				}
+				cancel()
+			}
+		case esDeciding, esHold:
+			return refuse(claimBusy), nil
+		case esMoved, esForward:
+			r := refuse(claimNotOwner)
+			r.OwnerHint, r.OwnerEpoch = owner, epoch
+			return r, nil
+		case esReset:
+			if reason == reasonCannotResume {
+				return refuse(claimCannotResume), nil
+			}
+			return refuse(claimReset), nil
+		}
+	}
+	epoch, owned := e.tr.Epoch(k)
+	if !owned && e.restoreForClaim(ctx, k) {
+		epoch, owned = e.tr.Epoch(k)
+	}
+	if !owned {
+		if f := e.lookup(k); f != nil && f.get() == esReset {
+			return refuse(claimReset), nil
+		}
+		r := refuse(claimNotOwner)
+		if st, ok := e.r.store.Lookup(k); ok && st.Owner != e.self {
+			r.OwnerHint, r.OwnerEpoch = st.Owner, st.Epoch
+		}
+		return r, nil
+	}
+	return e.handOver(k, caller, max(req.Epoch, epoch+1)), nil
+}
+
+// restoreForClaim restores k first when this node is the designated
+// replica of its dead owner, and reports whether it did.
+func (e *Engine) restoreForClaim(ctx context.Context, k FlowKey) bool {
+	st, ok := e.r.store.Lookup(k)
+	if !ok || e.alive(st.Owner) || e.designated(k, st.Owner) != e.self {
+		return false
+	}
+	run := e.startPush(k, st)
+	if run == nil {
+		_, owned := e.tr.Epoch(k)
+		return owned
+	}
+	select {
+	case <-run.done:
+	case <-ctx.Done():
+		return false
+	}
+	_, owned := e.tr.Epoch(k)
+	return owned
+}
+
+// handOver fences k, snapshots it and aborts it here (see the file
+// comment); the claimer owns it at epoch.
+func (e *Engine) handOver(k FlowKey, claimer string, epoch uint64) *batonv1.ClaimResponse {
+	f, created := e.entry(k, esHold)
+	f.mu.Lock()
+	prev := f.get()
+	if !created {
+		switch prev {
+		case esHold, esDeciding, esRestoring:
+			f.mu.Unlock()
+			return refuse(claimBusy)
+		}
+		f.prevHold = prev
+		e.setStateLocked(f, esHold)
+	}
+	f.mu.Unlock()
+	unhold := func() {
+		if created {
+			e.drop(f)
+			return
+		}
+		f.mu.Lock()
+		if f.get() == esHold {
+			e.setStateLocked(f, f.prevHold)
+		}
+		f.mu.Unlock()
+	}
+
+	st, ok := e.tr.Lookup(k)
+	if !ok {
+		unhold()
+		return refuse(claimNotOwner)
+	}
+	if err := e.canResume(k, resumeOf(st, true, nil)); err != nil {
+		unhold()
+		e.log.Info("takeover: claim refused: the service cannot hand the stream over", "flow", k.String(), "claimer", claimer, "err", err)
+		return refuse(claimCannotResume)
+	}
+	if ep := e.findEndpoint(k); ep != nil {
+		ep.Abort() // its RST is dropped at the fence
+	}
+	e.resMu.Lock()
+	delete(e.resumes, k) // a restored connection not yet accepted must not start
+	e.resMu.Unlock()
+	e.tr.Remove(k)
+	f.mu.Lock()
+	e.setStateLocked(f, esMoved)
+	f.owner, f.epoch = claimer, epoch
+	f.until = time.Now().Add(movedLinger)
+	e.clearQueueLocked(f)
+	f.mu.Unlock()
+	st.Epoch = epoch
+	e.log.Debug("takeover: flow handed over", "flow", k.String(), "to", claimer, "epoch", epoch,
+		"client_acked", st.ClientAckedBytes, "server_acked", st.ServerAckedBytes)
+	return &batonv1.ClaimResponse{Granted: true, State: st}
+}
+
+// handleRelease answers a peer's Release: if it owns k at a higher epoch
+// than this node, this node loses the flow.
+func (e *Engine) handleRelease(caller string, req *batonv1.ReleaseRequest) (*batonv1.ReleaseResponse, error) {
+	k, err := KeyFromProto(req.GetKey())
+	if err != nil {
+		return nil, err
+	}
+	if epoch, owned := e.tr.Epoch(k); owned && req.Epoch > epoch {
+		e.loseFlow(k, caller, req.Epoch)
+	}
+	return &batonv1.ReleaseResponse{Ok: true}, nil
+}
+
+func prefixesContain(ps []netip.Prefix, a netip.Addr) bool {
+	for _, p := range ps {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}

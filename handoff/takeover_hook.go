@@ -1,0 +1,293 @@
+package handoff
+
+// This file holds the engine's two hooks on the packet path. Neither
+// blocks on the network or on a takeover: packets of a flow in transit are
+// copied into a bounded queue, tunnelled, translated, dropped or answered
+// in place, and the takeover itself runs on its own goroutine.
+//
+// "handoff" (innerHook) is the innermost hook. For a packet of a flow in
+// the table it applies the flow's state (translate, queue, forward, reset,
+// drop). For any other inbound non-SYN TCP packet to a served port it asks,
+// cheapest first, whether the stack knows the flow: the flow tracker's
+// table, then gVisor's demuxer for an endpoint of exactly that 4-tuple
+// (pitfall 7: without this check the stack's listener answers a mid-flow
+// packet of an unknown flow with RST). If neither does, the packet is
+// consumed and a takeover starts. The stack's SYN-ACK to a synthetic SYN
+// is captured and consumed here: it must never reach the client.
+//
+// "handoff-fence" (fenceHook) sits outside the flow tracker and drops every
+// packet of a flow in esHold, i.e. while this node hands the flow over
+// (pitfall 4). Being outside the tracker is what makes the hand-over
+// exact: an outbound packet reaches the fence only after the tracker
+// recorded it, so once a flow is held, everything that can still reach the
+// client is already in the tracker's state, and everything else is
+// dropped. Its fast path is one atomic load (no flow held: pass).
+
+import (
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"github.com/baton-anycast/baton/stack"
+)
+
+type fenceHook struct{ e *Engine }
+
+func (*fenceHook) Name() string { return "handoff-fence" }
+
+func (h *fenceHook) verdict(p *stack.Packet, inbound bool) stack.Verdict {
+	e := h.e
+	if e.nHold.Load() == 0 {
+		return stack.Pass
+	}
+	seg, res := parseTCPSegment(p.Data, inbound, e.prefixes)
+	if res != tcpOK {
+		return stack.Pass
+	}
+	if f := e.lookup(seg.key); f != nil && f.get() == esHold {
+		e.m.packet(pktFenced)
+		return stack.Drop
+	}
+	return stack.Pass
+}
+
+func (h *fenceHook) Inbound(p *stack.Packet) stack.Verdict  { return h.verdict(p, true) }
+func (h *fenceHook) Outbound(p *stack.Packet) stack.Verdict { return h.verdict(p, false) }
+
+type innerHook struct{ e *Engine }
+
+func (*innerHook) Name() string { return "handoff" }
+
+// Inbound implements stack.Hook.Inbound.
+func (h *innerHook) Inbound(p *stack.Packet) stack.Verdict {
+	seg, res := parseTCPSegment(p.Data, true, h.e.prefixes)
+	if res != tcpOK {
+		return stack.Pass
+	}
+	return h.inbound(p, &seg, true)
+}
+
+// inbound handles a client packet; intercept is false for packets a peer
+// forwarded (this node owns their flow or drops them).
+func (h *innerHook) inbound(p *stack.Packet, seg *tcpSegment, intercept bool) stack.Verdict {
+	e := h.e
+	if f := e.lookup(seg.key); f != nil {
+		if v, handled := h.inboundEntry(f, p, seg, intercept); handled {
+			return v
+		}
+	}
+	if seg.flags&header.TCPFlagRst != 0 {
+		return stack.Pass // the stack ignores a reset of a flow it does not know
+	}
+	if seg.flags&header.TCPFlagSyn != 0 && seg.flags&header.TCPFlagAck == 0 {
+		return stack.Pass // a new connection
+	}
+	if e.service(seg.key.Anycast.Port()) == nil {
+		return stack.Pass // no service: the stack resets, as always
+	}
+	if e.tr.Has(seg.key) || e.findEndpoint(seg.key) != nil {
+		return stack.Pass // the stack has the flow
+	}
+	if !intercept {
+		e.m.packet(pktForwardUnknown)
+		return stack.Drop
+	}
+	if e.closed.Load() {
+		return stack.Pass
+	}
+	f, _ := e.entry(seg.key, esDeciding)
+	return h.inboundEntryOrPass(f, p, seg)
+}
+
+func (h *innerHook) inboundEntryOrPass(f *flowEntry, p *stack.Packet, seg *tcpSegment) stack.Verdict {
+	if v, handled := h.inboundEntry(f, p, seg, true); handled {
+		return v
+	}
+	return stack.Pass
+}
+
+// inboundEntry applies f's state to a client packet. handled is false when
+// the entry no longer applies (it expired) and the packet goes on as if
+// there were none.
+func (h *innerHook) inboundEntry(f *flowEntry, p *stack.Packet, seg *tcpSegment, intercept bool) (stack.Verdict, bool) {
+	e := h.e
+	switch s := f.get(); s {
+	case esActive:
+		if tr := f.tr.Load(); tr != nil {
+			c := f.clamp()
+			tr.Inbound(p.Data, &c)
+		}
+		return stack.Pass, true
+	case esHold:
+		return stack.Drop, true
+	case esForward:
+		f.lastUsed.Store(time.Now().UnixNano())
+		f.mu.Lock()
+		fw := f.fwd
+		f.mu.Unlock()
+		if fw != nil && f.get() == esForward {
+			fw.send(p.Data)
+			return stack.Consume, true
+		}
+		return stack.Drop, true
+	case esReset:
+		h.answerReset(f, seg)
+		return stack.Consume, true
+	case esUnknown:
+		f.mu.Lock()
+		live := time.Now().Before(f.until)
+		f.mu.Unlock()
+		return stack.Pass, live
+	case esMoved:
+		if !intercept || e.closed.Load() {
+			return stack.Drop, true
+		}
+		// The flow left this node and now comes back: take it over again.
+		f.mu.Lock()
+		if f.get() == esMoved {
+			e.setStateLocked(f, esDeciding)
+			f.trigger = time.Now()
+			f.run = nil
+		}
+		f.mu.Unlock()
+		fallthrough
+	case esDeciding, esRestoring:
+		if !intercept {
+			return stack.Drop, true
+		}
+		h.enqueue(f, p, seg)
+		return stack.Consume, true
+	}
+	return stack.Pass, false
+}
+
+// enqueue copies a client packet into f's queue (bounded per flow and in
+// all) and makes sure a takeover runs for f.
+func (h *innerHook) enqueue(f *flowEntry, p *stack.Packet, seg *tcpSegment) {
+	e := h.e
+	f.mu.Lock()
+	st := f.get()
+	if st != esDeciding && st != esRestoring {
+		f.mu.Unlock()
+		e.m.packet(pktQueueDropped)
+		return
+	}
+	if len(f.queue) >= e.cfg.QueuePackets || e.nQueued.Load() >= int64(e.cfg.MaxQueued) {
+		f.mu.Unlock()
+		e.m.packet(pktQueueDropped)
+		return
+	}
+	f.queue = append(f.queue, append([]byte(nil), p.Data...))
+	e.nQueued.Add(1)
+	if seg.flags&header.TCPFlagAck != 0 {
+		f.lastAck, f.haveAck = seg.ack, true
+		f.lastWnd = seg.window
+	}
+	if ts, ok := tcpTSval(seg.opts); ok {
+		if !f.haveTS || tcpSeqAfter(ts, f.lastTS) {
+			f.lastTS, f.haveTS = ts, true
+		}
+	}
+	needRun := f.run == nil && st == esDeciding
+	f.mu.Unlock()
+	e.m.packet(pktQueued)
+	if needRun {
+		e.startPull(f)
+	}
+}
+
+// answerReset resets the client again for a flow this node reset: from
+// the packet's ack, so the reset is exactly in sequence. Rate-limited.
+func (h *innerHook) answerReset(f *flowEntry, seg *tcpSegment) {
+	if seg.flags&header.TCPFlagRst != 0 || seg.flags&header.TCPFlagAck == 0 {
+		return
+	}
+	now := time.Now()
+	f.mu.Lock()
+	if now.Sub(f.lastRST) < rstEvery {
+		f.mu.Unlock()
+		return
+	}
+	f.lastRST = now
+	reason := f.reason
+	f.mu.Unlock()
+	h.e.sendRST(f.key, seg.ack, 0, true, reason)
+}
+
+// Outbound implements stack.Hook.Outbound.
+func (h *innerHook) Outbound(p *stack.Packet) stack.Verdict {
+	e := h.e
+	if e.nEntries.Load() == 0 {
+		return stack.Pass
+	}
+	seg, res := parseTCPSegment(p.Data, false, e.prefixes)
+	if res != tcpOK {
+		return stack.Pass
+	}
+	f := e.lookup(seg.key)
+	if f == nil {
+		return stack.Pass
+	}
+	switch f.get() {
+	case esActive:
+		if seg.flags&header.TCPFlagSyn != 0 {
+			return stack.Consume // a retransmitted SYN-ACK: never to the client
+		}
+		h.outboundActive(f, p, &seg)
+		return stack.Pass
+	case esRestoring:
+		if sa, ok := parseSynAck(p.Data); ok {
+			f.mu.Lock()
+			if (sa.rst || sa.ack == f.synSeq+1) && f.synCh != nil {
+				select {
+				case f.synCh <- sa:
+				default:
+				}
+			}
+			f.mu.Unlock()
+		}
+		return stack.Consume
+	case esUnknown:
+		return stack.Pass // the stack's reset: today's answer to an unknown flow
+	}
+	e.m.packet(pktFenced)
+	return stack.Drop
+}
+
+// outboundActive translates a packet of a restored flow to the client's
+// space, noting the highest sequence number sent (for the ack cap), the
+// first TSval (for the TSecr floor) and the first data byte (latency).
+func (h *innerHook) outboundActive(f *flowEntry, p *stack.Packet, seg *tcpSegment) {
+	tr := f.tr.Load()
+	if tr == nil {
+		return
+	}
+	end := seg.seq + seg.seqLen()
+	for {
+		cur := f.maxSent.Load()
+		if !tcpSeqAfter(end, cur) || f.maxSent.CompareAndSwap(cur, end) {
+			break
+		}
+	}
+	if !tr.Outbound(p.Data, p.GSO.PartialChecksum) {
+		return
+	}
+	if tr.TS && !f.haveFloor.Load() {
+		if ts, ok := tcpTSval(seg.opts); ok { // seg.opts aliases p.Data: translated
+			f.tsFloor.Store(ts)
+			f.haveFloor.Store(true)
+		}
+	}
+	if seg.payloadLen > 0 && !f.firstByte.Swap(true) {
+		h.e.m.latency(time.Since(f.trigger))
+	}
+}
+
+// clamp returns the clamps for f's next client packet.
+func (f *flowEntry) clamp() InboundClamp {
+	c := InboundClamp{AckCap: f.maxSent.Load(), CapAck: true}
+	if f.haveFloor.Load() {
+		c.TSecrFloor, c.HaveFloor = f.tsFloor.Load(), true
+	}
+	return c
+}
