@@ -268,11 +268,18 @@ func TestPeerServerBatches(t *testing.T) {
 	if n != 1 {
 		t.Fatalf("ListOwned returned %d flows, want 1", n)
 	}
-	// Claim and Release belong to the takeover work.
+	// Claim and Release: only on behalf of the caller's own name; without
+	// a takeover engine a claim is refused.
 	_, err = c.Claim(ctx, &batonv1.ClaimRequest{})
-	wantCode(t, err, codes.Unimplemented)
-	_, err = c.Release(ctx, &batonv1.ReleaseRequest{})
-	wantCode(t, err, codes.Unimplemented)
+	wantCode(t, err, codes.PermissionDenied)
+	_, err = c.Claim(ctx, &batonv1.ClaimRequest{Claimer: "b", Key: testKey(100).Proto()})
+	wantCode(t, err, codes.PermissionDenied)
+	cr, err := c.Claim(ctx, &batonv1.ClaimRequest{Claimer: "c", Key: testKey(100).Proto()})
+	if err != nil || cr.Granted || cr.Reason != claimNoTakeover {
+		t.Fatalf("claim without an engine: %v %v", cr, err)
+	}
+	_, err = c.Release(ctx, &batonv1.ReleaseRequest{NewOwner: "b"})
+	wantCode(t, err, codes.PermissionDenied)
 }
 
 func TestPeerServerInsecure(t *testing.T) {

@@ -362,6 +362,9 @@ func (e *Engine) Close() {
 // Self is this node's name.
 func (e *Engine) Self() string { return e.self }
 
+// Engine returns the takeover engine started on r (nil when none runs).
+func (r *Replication) Engine() *Engine { return r.engine.Load() }
+
 // shard picks the table shard of hk (a seeded hash, like the tracker's).
 func (e *Engine) shard(hk *trkKey) *entryShard {
 	h := e.seed

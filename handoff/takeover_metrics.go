@@ -77,13 +77,13 @@ type engineMetrics struct {
 	packets [pktKinds]atomic.Uint64
 
 	latHist, restHist prometheus.Histogram
-	dTakeovers       *prometheus.Desc
-	dFailures        *prometheus.Desc
-	dRSTs            *prometheus.Desc
-	dUnknown         *prometheus.Desc
-	dPackets         *prometheus.Desc
-	dFlows           *prometheus.Desc
-	flows            func() map[string]int
+	dTakeovers        *prometheus.Desc
+	dFailures         *prometheus.Desc
+	dRSTs             *prometheus.Desc
+	dUnknown          *prometheus.Desc
+	dPackets          *prometheus.Desc
+	dFlows            *prometheus.Desc
+	flows             func() map[string]int
 }
 
 func newEngineMetrics(node string) *engineMetrics {
@@ -123,7 +123,7 @@ func (m *engineMetrics) count(mp map[string]uint64, key string) {
 	m.mu.Unlock()
 }
 
-func (m *engineMetrics) takeover(kind string) { m.count(m.takeovers, kind) }
+func (m *engineMetrics) takeover(kind string)  { m.count(m.takeovers, kind) }
 func (m *engineMetrics) failure(reason string) { m.count(m.failures, reason) }
 func (m *engineMetrics) rst(reason string)     { m.count(m.rsts, reason) }
 func (m *engineMetrics) packet(kind int)       { m.packets[kind].Add(1) }

@@ -281,16 +281,23 @@ func (e *Engine) sendRST(k FlowKey, seq, ack uint32, ackOf bool, reason string) 
 // client gets a reset (the honest answer), the flow becomes a tombstone
 // that resets the client again if it sends more, and the stack's own
 // connection for it, if the handshake got that far, is aborted silently.
-// s, when known, places the reset when no client packet is queued: at the
-// old owner's send position, which a caught-up client accepts at once (a
-// client behind answers with a challenge ACK, which gets an exact reset).
+//
+// A reset is only accepted at exactly the client's next expected sequence
+// number (older ones are dropped silently, newer ones in the window get a
+// challenge ACK). With a client packet queued, its ack is that number.
+// Without one (a push: the client only receives), s places a RST at the
+// old owner's send position, which a caught-up client accepts, plus an
+// ACK probe below the client's last ack: any client answers such an old
+// segment with an ACK carrying its next expected sequence number, and that
+// ACK, wherever it lands, gets an exact reset (the tombstone here, or a
+// takeover elsewhere that learns the flow is reset).
 func (e *Engine) resetFlow(ent *flowEntry, s *batonv1.FlowState, reason string) {
 	k := ent.key
 	ent.mu.Lock()
 	e.setStateLocked(ent, esReset)
 	ent.reason = reason
 	ent.until = time.Now().Add(resetLinger)
-	ent.lastRST = time.Now()
+	ent.lastRST = time.Time{}
 	e.clearQueueLocked(ent)
 	lastAck, haveAck := ent.lastAck, ent.haveAck
 	ent.mu.Unlock()
@@ -302,7 +309,15 @@ func (e *Engine) resetFlow(ent *flowEntry, s *batonv1.FlowState, reason string) 
 	case haveAck:
 		e.sendRST(k, lastAck, 0, true, reason)
 	case s != nil && s.Key != nil:
-		e.sendRST(k, s.ServerIsn+1+uint32(s.ServerSentBytes), s.ClientIsn+1+uint32(s.ServerAckedBytes), false, reason)
+		sent := s.ServerIsn + 1 + uint32(s.ServerSentBytes)
+		rcv := s.ClientIsn + 1 + uint32(s.ServerAckedBytes)
+		e.sendRST(k, sent, rcv, false, reason)
+		probe := tcpPacket{src: k.Anycast, dst: k.Client, seq: s.ServerIsn + uint32(s.ClientAckedBytes), ack: rcv,
+			flags: header.TCPFlagAck, window: 0}
+		if s.Timestamps {
+			probe.opts = tsOption(s.ServerTsval+tsMargin, s.ClientTsval)
+		}
+		_ = e.inj.InjectOutbound(probe.build())
 	}
 }
 

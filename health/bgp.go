@@ -333,7 +333,14 @@ func (l *gobgpLogger) Fatal(msg string, f gobgplog.Fields) {
 	l.emit(slog.LevelError, msg, f)
 }
 func (l *gobgpLogger) Error(msg string, f gobgplog.Fields) { l.emit(slog.LevelError, msg, f) }
-func (l *gobgpLogger) Warn(msg string, f gobgplog.Fields)  { l.emit(slog.LevelWarn, msg, f) }
+func (l *gobgpLogger) Warn(msg string, f gobgplog.Fields) {
+	if strings.HasPrefix(msg, "cannot set TTL") {
+		// Every listener, every start: TTL security is not used.
+		l.emit(slog.LevelDebug, msg, f)
+		return
+	}
+	l.emit(slog.LevelWarn, msg, f)
+}
 func (l *gobgpLogger) Info(msg string, f gobgplog.Fields)  { l.emit(slog.LevelInfo, msg, f) }
 func (l *gobgpLogger) Debug(msg string, f gobgplog.Fields) { l.emit(slog.LevelDebug, msg, f) }
 func (l *gobgpLogger) SetLevel(gobgplog.LogLevel)          {}

@@ -151,7 +151,7 @@ func TestRunnerFakeClock(t *testing.T) {
 	r, err := NewRunner([]CheckSpec{{
 		Name: "http", Kind: "http", Interval: interval, Timeout: time.Minute,
 		Thresholds: Thresholds{Rise: 2, Fall: 3}, Critical: true, Probe: p.probe,
-	}}, RunnerOptions{Clock: clk, Override: func(string) Override { ovMu.Lock(); defer ovMu.Unlock(); return ov }})
+	}}, RunnerOptions{Clock: clk, Logger: quiet, Override: func(string) Override { ovMu.Lock(); defer ovMu.Unlock(); return ov }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,13 +207,16 @@ func TestRunnerFakeClock(t *testing.T) {
 				t.Fatalf("attempt %d: no Changes for a new verdict", i+1)
 			}
 		}
-		clk.Advance(interval)
+		if i < len(want)-1 {
+			clk.Advance(interval)
+		}
 	}
 	// The testing override fails the check without probing.
 	ovMu.Lock()
 	ov = OverrideFail
 	ovMu.Unlock()
 	calls := p.calls()
+	clk.Advance(interval)
 	for i := 0; i < 3; i++ {
 		step(8 + i)
 		clk.Advance(interval)
@@ -225,7 +228,7 @@ func TestRunnerFakeClock(t *testing.T) {
 	if p.calls() != calls {
 		t.Fatalf("the probe ran %d times under the override", p.calls()-calls)
 	}
-	if st.FailRun != 3 || st.OKRun != 0 || st.Failures != 6 {
+	if st.FailRun != 4 || st.OKRun != 0 || st.Failures != 7 {
 		t.Fatalf("counters: fail run %d, ok run %d, failures %d", st.FailRun, st.OKRun, st.Failures)
 	}
 }
@@ -261,7 +264,7 @@ func TestVerdictIgnoresNonCritical(t *testing.T) {
 	r, err := NewRunner([]CheckSpec{
 		{Name: "tun", Interval: time.Second, Timeout: time.Second, Thresholds: Thresholds{1, 1}, Critical: true, Probe: pass},
 		{Name: "peers", Interval: time.Second, Timeout: time.Second, Thresholds: Thresholds{1, 1}, Probe: fail},
-	}, RunnerOptions{Clock: clk})
+	}, RunnerOptions{Clock: clk, Logger: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}

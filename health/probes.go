@@ -103,7 +103,11 @@ func HTTPGet(d Dialer, targets []netip.AddrPort, path string) Probe {
 				return err
 			}
 			defer c.Close()
-			if _, err := fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: baton-health\r\nConnection: close\r\n\r\n", path, t.Addr()); err != nil {
+			host := t.Addr().String()
+			if t.Addr().Is6() {
+				host = "[" + host + "]"
+			}
+			if _, err := fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: baton-health\r\nConnection: close\r\n\r\n", path, host); err != nil {
 				return err
 			}
 			line, err := bufio.NewReader(c).ReadString('\n')

@@ -51,7 +51,85 @@ func printHealth(w io.Writer, m proto.Message) {
 	for _, p := range h.Problems {
 		fmt.Fprintf(tw, "problem\t%s\n", p)
 	}
+	if h.StateSinceUnixNano != 0 {
+		fmt.Fprintf(tw, "state since\t%s (%s ago)\n", time.Unix(0, h.StateSinceUnixNano).UTC().Format(time.RFC3339), age(h.StateSinceUnixNano))
+	}
+	if h.Announcer != "" {
+		fmt.Fprintf(tw, "announcer\t%s\n", announcerText(h.Announcer))
+		fmt.Fprintf(tw, "owned flows\t%d\n", h.OwnedFlows)
+	}
 	tw.Flush()
+	printChecks(w, h)
+}
+
+func announcerText(a string) string {
+	if a == "none" {
+		return "none (routes managed outside Baton)"
+	}
+	return a
+}
+
+// printChecks prints the health checks, the announcements and the BGP
+// sessions of a Health answer (health.go in batond).
+func printChecks(w io.Writer, h *batonv1.HealthResponse) {
+	if len(h.Checks) > 0 {
+		fmt.Fprintln(w)
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintf(tw, "CHECK\tKIND\tSTATUS\tSINCE\tLAST\tTOOK\tRISE\tFALL\tEVERY\tTARGET\tLAST RESULT\n")
+		for _, c := range h.Checks {
+			status := strings.ToLower(strings.TrimPrefix(c.State.String(), "CHECK_STATE_"))
+			if !c.Critical {
+				status += " (info)"
+			}
+			if c.Override != "" {
+				status += " [forced " + c.Override + "]"
+			}
+			last := "-"
+			if c.LastUnixNano != 0 {
+				last = age(c.LastUnixNano) + " ago"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d/%d\t%d/%d\t%s\t%s\t%s\n", c.Name, c.Kind, status,
+				age(c.SinceUnixNano), last, time.Duration(c.LastDurationNano).Round(time.Microsecond),
+				c.OkRun, c.Rise, c.FailRun, c.Fall, time.Duration(c.IntervalNano), c.Target, c.LastResult)
+		}
+		tw.Flush()
+	}
+	if len(h.Announcements) > 0 {
+		fmt.Fprintln(w)
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintf(tw, "PREFIX\tANNOUNCED\tNEXT HOP\tSINCE\n")
+		for _, a := range h.Announcements {
+			on, since, nh := "no", "-", a.NextHop
+			if a.Announced {
+				on, since = "yes", age(a.SinceUnixNano)
+			}
+			if h.Announcer == "none" {
+				on = "not by Baton"
+			}
+			if nh == "" {
+				nh = "-"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", a.Prefix, on, nh, since)
+		}
+		tw.Flush()
+	}
+	if len(h.BgpSessions) > 0 {
+		fmt.Fprintln(w)
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintf(tw, "BGP NEIGHBOR\tASN\tMODE\tSTATE\tUPTIME\tHOLD\tADVERTISED\tRECEIVED\tFLAPS\n")
+		for _, s := range h.BgpSessions {
+			mode, up := "active", "-"
+			if s.Passive {
+				mode = "passive"
+			}
+			if s.EstablishedUnixNano != 0 {
+				up = age(s.EstablishedUnixNano)
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%d\t%d\t%d\n", s.Neighbor, s.PeerAsn, mode, s.State, up,
+				time.Duration(s.HoldTimeNano), s.RoutesAdvertised, s.RoutesReceived, s.Flaps)
+		}
+		tw.Flush()
+	}
 }
 
 func stateName(s batonv1.NodeState) string {
@@ -230,7 +308,16 @@ func printFlow(w io.Writer, m proto.Message) {
 	fmt.Fprintf(tw, "server sent / client acked\t%d / %d bytes\n", uint32(s.ServerNextSeq-s.ServerIsn-1), uint32(s.ClientAck-s.ServerIsn-1))
 	fmt.Fprintf(tw, "server acked (client bytes)\t%d\n", uint32(s.ServerAck-s.ClientIsn-1))
 	fmt.Fprintf(tw, "FIN client / server\t%v / %v\n", s.ClientFin, s.ServerFin)
-	fmt.Fprintf(tw, "checkpoint\t%d bytes at seq %d\n", len(s.Checkpoint), s.CheckpointSeq)
+	fmt.Fprintf(tw, "checkpoint\t%d bytes at seq %d (output offset %d)\n", len(s.Checkpoint), s.CheckpointSeq, s.CheckpointOffset)
+	fmt.Fprintf(tw, "positions\tsent %d, client acked %d, server acked %d bytes\n", s.ServerSentBytes, s.ClientAckedBytes, s.ServerAckedBytes)
+	for i, h := range s.History {
+		label := ""
+		if i == 0 {
+			label = "history"
+		}
+		fmt.Fprintf(tw, "%s\t%s epoch %d: %s at output offset %d (%s)\n", label, h.Node, h.Epoch, h.How, h.AtOffset,
+			time.Unix(0, h.UnixNano).UTC().Format(time.RFC3339Nano))
+	}
 	tw.Flush()
 	if len(r.Copies) > 0 {
 		fmt.Fprintln(w)

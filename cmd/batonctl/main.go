@@ -46,9 +46,9 @@ var commands = []command{
 	{"flow", "one flow and every copy of its state: flow CLIENT:PORT->ANYCAST:PORT", cmdFlow},
 	{"peers", "replication links: liveness, lag, flows and bytes", cmdPeers},
 	{"stats", "device, link, service and refusal counters", cmdStats},
-	{"health", "node state, problems, version", cmdHealth},
-	{"drain", "stop attracting new flows (node reports NOT_SERVING)", cmdDrain},
-	{"undrain", "serve again after drain", cmdUndrain},
+	{"health", "node state, health checks, announcements, BGP sessions", cmdHealth},
+	{"drain", "withdraw the announcement: no new flows; drained once the node owns none", cmdDrain},
+	{"undrain", "announce again (once the checks pass)", cmdUndrain},
 }
 
 func usage(w io.Writer, fs *flag.FlagSet) {

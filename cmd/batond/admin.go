@@ -61,9 +61,9 @@ type adminServer struct {
 }
 
 // Health implements batonv1.AdminServer.Health.
-func (a *adminServer) Health(context.Context, *batonv1.HealthRequest) (*batonv1.HealthResponse, error) {
+func (a *adminServer) Health(ctx context.Context, _ *batonv1.HealthRequest) (*batonv1.HealthResponse, error) {
 	st, problems := a.d.state.get()
-	return &batonv1.HealthResponse{
+	resp := &batonv1.HealthResponse{
 		Node:            a.d.cfg.Node,
 		State:           st,
 		Problems:        problems,
@@ -71,7 +71,9 @@ func (a *adminServer) Health(context.Context, *batonv1.HealthRequest) (*batonv1.
 		StartedUnixNano: a.d.started.UnixNano(),
 		Anycast:         a.d.cfg.Anycast,
 		Tun:             a.d.cfg.TUN.Name,
-	}, nil
+	}
+	a.d.fillHealth(ctx, resp)
+	return resp, nil
 }
 
 // Stats implements batonv1.AdminServer.Stats.

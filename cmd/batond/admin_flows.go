@@ -157,28 +157,31 @@ func (a *adminServer) ListPeers(context.Context, *batonv1.ListPeersRequest) (*ba
 	return resp, nil
 }
 
-// Drain implements batonv1.AdminServer.Drain: the node keeps serving its
-// flows but reports NOT_SERVING on the standard health service, which is
-// what route announcement acts on.
-func (a *adminServer) Drain(context.Context, *batonv1.DrainRequest) (*batonv1.DrainResponse, error) {
-	st, _ := a.d.state.get()
-	switch st {
-	case batonv1.NodeState_NODE_STATE_SERVING, batonv1.NodeState_NODE_STATE_DRAINING:
-		a.d.state.set(batonv1.NodeState_NODE_STATE_DRAINING, "draining (batonctl drain)")
-		a.d.log.Info("draining")
-		return &batonv1.DrainResponse{State: batonv1.NodeState_NODE_STATE_DRAINING}, nil
+// Drain implements batonv1.AdminServer.Drain: the announcement is
+// withdrawn (and the standard health service reports NOT_SERVING); the
+// node keeps serving its flows and is drained once it owns none.
+func (a *adminServer) Drain(ctx context.Context, _ *batonv1.DrainRequest) (*batonv1.DrainResponse, error) {
+	if a.d.health == nil {
+		return nil, status.Error(codes.Unavailable, "node is starting")
 	}
-	return nil, status.Errorf(codes.FailedPrecondition, "node is %s, not serving", st)
+	st, err := a.d.health.machine.Drain(ctx, "draining (batonctl drain)")
+	if err != nil {
+		return nil, status.Errorf(codes.FailedPrecondition, "node is %s: %v", st, err)
+	}
+	a.d.log.Info("draining (batonctl drain)", "state", st.String())
+	return &batonv1.DrainResponse{State: protoState(st)}, nil
 }
 
-// Undrain implements batonv1.AdminServer.Undrain.
-func (a *adminServer) Undrain(context.Context, *batonv1.UndrainRequest) (*batonv1.UndrainResponse, error) {
-	st, _ := a.d.state.get()
-	switch st {
-	case batonv1.NodeState_NODE_STATE_SERVING, batonv1.NodeState_NODE_STATE_DRAINING:
-		a.d.state.set(batonv1.NodeState_NODE_STATE_SERVING)
-		a.d.log.Info("serving again (undrained)")
-		return &batonv1.UndrainResponse{State: batonv1.NodeState_NODE_STATE_SERVING}, nil
+// Undrain implements batonv1.AdminServer.Undrain: the node announces again
+// as soon as its checks pass.
+func (a *adminServer) Undrain(ctx context.Context, _ *batonv1.UndrainRequest) (*batonv1.UndrainResponse, error) {
+	if a.d.health == nil {
+		return nil, status.Error(codes.Unavailable, "node is starting")
 	}
-	return nil, status.Errorf(codes.FailedPrecondition, "node is %s, not draining", st)
+	st, err := a.d.health.machine.Undrain(ctx)
+	if err != nil {
+		return nil, status.Errorf(codes.FailedPrecondition, "node is %s: %v", st, err)
+	}
+	a.d.log.Info("undrained", "state", st.String())
+	return &batonv1.UndrainResponse{State: protoState(st)}, nil
 }

@@ -1,7 +1,15 @@
 package main
 
 // This file wires the handoff layer into the node: the flow tracker on the
-// stack's hook chain, and replication to the peers.
+// stack's hook chain, replication to the peers, and the takeover engine
+// that continues flows other nodes started.
+//
+// Hook order (hooks are layers, the first added outermost): the anycast
+// filter (added by the stack), the takeover's fence hook, the flow
+// tracker, the takeover's interception and translation hook. The fence
+// must be outside the tracker (a flow being handed over is exactly what
+// the tracker recorded), the translation inside it (the tracker sees
+// restored flows in the client's sequence space both ways).
 
 import (
 	"context"
@@ -9,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/baton-anycast/baton/handoff"
+	"github.com/baton-anycast/baton/stack/services"
 )
 
 // loadTLS loads the node's certificate, key and cluster CA when configured
@@ -42,13 +51,13 @@ func (d *daemon) startHandoff() error {
 		ServiceFor:  d.st.TCPServiceName,
 		Logger:      d.log,
 	})
-	d.st.Endpoint().AddHook(d.tracker)
 	d.st.SetCheckpointSink(d.tracker.CheckpointSink())
 	ctx, cancel := context.WithCancel(context.Background())
 	d.stopTracker = cancel
 	go d.tracker.Run(ctx)
 
 	if cfg.Cluster.Listen == "" {
+		d.st.Endpoint().AddHook(d.tracker)
 		return nil
 	}
 	tlsm := d.tlsm
@@ -74,15 +83,56 @@ func (d *daemon) startHandoff() error {
 	if err != nil {
 		return err
 	}
+	engine, err := handoff.NewEngine(handoff.EngineConfig{
+		Stack:       d.st,
+		Tracker:     d.tracker,
+		Replication: repl,
+		Service:     d.takeoverServices(),
+		Policy:      d.takeoverPolicy,
+		Logger:      d.log,
+	})
+	if err != nil {
+		return err
+	}
+	ep := d.st.Endpoint()
+	ep.AddHook(engine.FenceHook())
+	ep.AddHook(d.tracker)
+	ep.AddHook(engine.Hook()) // last: innermost
+	d.st.SetResumeSource(engine)
 	if err := repl.Start(); err != nil {
 		return err
 	}
 	d.repl = repl
+	engine.Start()
 	return nil
+}
+
+// takeoverServices gives the takeover engine the TCP service on each
+// port. They are instances of their own, built like the stack's: the
+// engine only asks them CanResume, which depends on the service's kind
+// and the resume point, not on the instance; the stack's instance serves
+// the restored connection.
+func (d *daemon) takeoverServices() func(port uint16) services.TCPService {
+	byPort := map[uint16]services.TCPService{}
+	for _, sc := range d.cfg.Service {
+		if svc, err := services.Builtin().NewTCP(sc.Name, d.cfg.Node); err == nil {
+			byPort[uint16(sc.Port)] = svc
+		}
+	}
+	return func(port uint16) services.TCPService { return byPort[port] }
+}
+
+// takeoverPolicy is the configured takeover policy of a service.
+func (d *daemon) takeoverPolicy(service string) handoff.Policy {
+	p, _ := handoff.ParsePolicy(d.cfg.Cluster.Takeover[service]) // validated
+	return p
 }
 
 func (d *daemon) stopHandoff() {
 	if d.repl != nil {
+		if e := d.repl.Engine(); e != nil {
+			e.Close()
+		}
 		d.repl.Close()
 	}
 	if d.stopTracker != nil {
@@ -98,6 +148,9 @@ func (d *daemon) handoffCollectors() []prometheus.Collector {
 	}
 	if d.repl != nil {
 		cs = append(cs, d.repl.Collector())
+		if e := d.repl.Engine(); e != nil {
+			cs = append(cs, e.Collector())
+		}
 	}
 	return cs
 }
@@ -106,6 +159,7 @@ func (d *daemon) handoffCollectors() []prometheus.Collector {
 type trackerCollector struct {
 	t                                *handoff.Tracker
 	tracked, created, opened, closed *prometheus.Desc
+	restored                         *prometheus.Desc
 	untracked, bad                   *prometheus.Desc
 }
 
@@ -118,6 +172,7 @@ func newTrackerCollector(node string, t *handoff.Tracker) *trackerCollector {
 		tracked:   n("tracked", "Flows in the flow table now."),
 		created:   n("created_total", "Flows that entered the table (client SYN)."),
 		opened:    n("opened_total", "Flows that completed the handshake."),
+		restored:  n("restored_total", "Flows taken over from another node (restored here)."),
 		closed:    n("closed_total", "Flows removed from the table, by reason.", "reason"),
 		untracked: n("untracked_total", "New flows served but not tracked or replicated: the table was full."),
 		bad:       n("bad_packets_total", "TCP packets of anycast flows the tracker could not use, by reason.", "reason"),
@@ -126,7 +181,7 @@ func newTrackerCollector(node string, t *handoff.Tracker) *trackerCollector {
 
 // Describe implements prometheus.Collector.
 func (c *trackerCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.tracked, c.created, c.opened, c.closed, c.untracked, c.bad} {
+	for _, d := range []*prometheus.Desc{c.tracked, c.created, c.opened, c.restored, c.closed, c.untracked, c.bad} {
 		ch <- d
 	}
 }
@@ -140,10 +195,12 @@ func (c *trackerCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.tracked, prometheus.GaugeValue, float64(s.Tracked))
 	cnt(c.created, s.Created)
 	cnt(c.opened, s.Opened)
+	cnt(c.restored, s.Restored)
 	cnt(c.closed, s.Closed.FIN, "fin")
 	cnt(c.closed, s.Closed.RST, "rst")
 	cnt(c.closed, s.Closed.Idle, "idle")
 	cnt(c.closed, s.Closed.Replaced, "replaced")
+	cnt(c.closed, s.Closed.Moved, "moved")
 	cnt(c.untracked, s.Untracked)
 	cnt(c.bad, s.Malformed, "malformed")
 	cnt(c.bad, s.BadChecksum, "bad_checksum")

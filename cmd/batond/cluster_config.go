@@ -12,6 +12,9 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"github.com/baton-anycast/baton/handoff"
+	"github.com/baton-anycast/baton/stack/services"
 )
 
 // ClusterConfig is the peer network.
@@ -27,6 +30,11 @@ type ClusterConfig struct {
 	TLS TLSConfig `yaml:"tls"`
 	// Insecure runs the peer network without TLS: for debugging only.
 	Insecure bool `yaml:"insecure"`
+	// Takeover is the takeover policy per service name: "migrate" (claim
+	// a flow from its live owner and continue it here), "forward" (tunnel
+	// its packets to the owner) or "default" (migrate for services that
+	// can resume connections, forward for the others).
+	Takeover map[string]string `yaml:"takeover"`
 }
 
 // PeerConfig is one other node.
@@ -55,6 +63,7 @@ type FlowsConfig struct {
 
 type clusterFlags struct {
 	listen, peers, ca, cert, key *string
+	takeover                     *string
 	replicas, maxFlows           *int
 	insecure                     *bool
 	idle                         *time.Duration
@@ -69,6 +78,7 @@ func registerClusterFlags(fs *flag.FlagSet, cfg *Config) *clusterFlags {
 		cert:     fs.String("tls-cert", "", "this node's certificate (PEM); its name must be the node name"),
 		key:      fs.String("tls-key", "", "this node's private key (PEM)"),
 		insecure: fs.Bool("peer-insecure", false, "peer network without TLS (debugging only: anyone can inject flow state)"),
+		takeover: fs.String("takeover-policy", "", "takeover policy per service as name=migrate|forward|default,... (default: migrate for services that can resume, forward for others)"),
 		maxFlows: fs.Int("max-flows", cfg.Flows.Max, "flows tracked and replicated; more are served untracked"),
 		idle:     fs.Duration("flow-idle-timeout", cfg.Flows.IdleTimeout, "forget flows idle this long"),
 	}
@@ -95,6 +105,16 @@ func (f *clusterFlags) apply(name string, cfg *Config) error {
 		cfg.Cluster.TLS.Key = *f.key
 	case "peer-insecure":
 		cfg.Cluster.Insecure = *f.insecure
+	case "takeover-policy":
+		m := map[string]string{}
+		for _, kv := range splitList(*f.takeover) {
+			name, pol, ok := strings.Cut(kv, "=")
+			if !ok {
+				return fmt.Errorf("takeover-policy: %q is not name=policy", kv)
+			}
+			m[strings.TrimSpace(name)] = strings.TrimSpace(pol)
+		}
+		cfg.Cluster.Takeover = m
 	case "max-flows":
 		cfg.Flows.Max = *f.maxFlows
 	case "flow-idle-timeout":
@@ -125,6 +145,18 @@ func (c *ClusterConfig) validate(self, admin string) error {
 	}
 	if c.Replicas < 1 || c.Replicas > 16 {
 		return fmt.Errorf("cluster.replicas: %d out of range 1..16", c.Replicas)
+	}
+	for name, pol := range c.Takeover {
+		e, err := services.Builtin().Lookup(name)
+		if err != nil {
+			return fmt.Errorf("cluster.takeover.%s: %v", name, err)
+		}
+		if e.Transport != services.TCP {
+			return fmt.Errorf("cluster.takeover.%s: a %s service has no connections to take over", name, e.Transport)
+		}
+		if _, err := handoff.ParsePolicy(pol); err != nil {
+			return fmt.Errorf("cluster.takeover.%s: %v", name, err)
+		}
 	}
 	seen := map[string]bool{self: true}
 	for i, p := range c.Peers {

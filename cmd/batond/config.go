@@ -33,6 +33,11 @@ type Config struct {
 	Log     LogConfig       `yaml:"log"`
 	Cluster ClusterConfig   `yaml:"cluster"`
 	Flows   FlowsConfig     `yaml:"flows"`
+	// Health checks, the announcer and draining (health_config.go).
+	Health       HealthConfig  `yaml:"health"`
+	Announce     string        `yaml:"announce"`
+	BGP          BGPConfig     `yaml:"bgp"`
+	DrainTimeout time.Duration `yaml:"drain_timeout"`
 
 	prefixes []netip.Prefix // parsed Anycast, filled by Validate
 }
@@ -80,6 +85,11 @@ func defaultConfig() Config {
 		Log:     LogConfig{Level: "info", Format: "text"},
 		Cluster: ClusterConfig{Replicas: 2},
 		Flows:   FlowsConfig{Max: 65536, IdleTimeout: 5 * time.Minute},
+
+		Health:       defaultHealthConfig(),
+		Announce:     announceNone,
+		BGP:          defaultBGPConfig(),
+		DrainTimeout: 30 * time.Second,
 	}
 }
 
@@ -108,6 +118,7 @@ func loadConfig(args []string, stderr io.Writer) (*Config, error) {
 		logLevel   = fs.String("log-level", cfg.Log.Level, "log level: debug, info, warn, error")
 		logFormat  = fs.String("log-format", cfg.Log.Format, "log format: text or json")
 		cf         = registerClusterFlags(fs, &cfg)
+		hf         = registerHealthFlags(fs, &cfg)
 	)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -161,7 +172,11 @@ func loadConfig(args []string, stderr io.Writer) (*Config, error) {
 		case "log-format":
 			cfg.Log.Format = *logFormat
 		default:
-			if err := cf.apply(f.Name, &cfg); err != nil && ferr == nil {
+			if ok, err := hf.apply(f.Name, &cfg); ok {
+				if err != nil && ferr == nil {
+					ferr = err
+				}
+			} else if err := cf.apply(f.Name, &cfg); err != nil && ferr == nil {
 				ferr = err
 			}
 		}
@@ -283,6 +298,9 @@ func (c *Config) Validate() error {
 		return err
 	}
 	if err := c.Flows.validate(); err != nil {
+		return err
+	}
+	if err := c.validateHealth(); err != nil {
 		return err
 	}
 	switch c.Log.Level {

@@ -3,11 +3,15 @@
 // them, and answers the admin API.
 //
 // Start-up order matters: device, stack, services, admin and metrics first;
-// the anycast routes into the TUN last, so the kernel sends no traffic to the
-// node before everything that must answer it is up. Shutdown (SIGTERM or
-// SIGINT) is the reverse: routes first, so no new packet arrives, then the
-// stack. A node killed with SIGKILL leaves nothing behind: the TUN device
-// and the routes through it vanish with the process.
+// the anycast routes into the TUN next, so the kernel sends no traffic to the
+// node before everything that must answer it is up; then the health checks
+// and the announcer (health.go), which announces the prefixes only once
+// every critical check passes. Shutdown (SIGTERM or SIGINT) is the reverse:
+// withdraw the announcement, wait until the node owns no flow (or
+// -drain-timeout), close the BGP sessions, then the routes, so no new
+// packet arrives, then the stack. A node killed with SIGKILL leaves nothing
+// behind: the TUN device and the routes through it vanish with the process,
+// and its BGP sessions close with its sockets.
 //
 // batond itself is a thin main: configuration (config.go), the admin API
 // (admin.go) and metrics (metrics.go). The packet path lives in tun/ and
@@ -71,9 +75,10 @@ func run(args []string, stderr io.Writer) int {
 	select {
 	case sig := <-sigs:
 		log.Info("shutting down", "signal", sig.String())
+		d.drainForShutdown(sigs)
 	case <-d.st.Failed():
 		log.Error("TUN device failed; shutting down", "err", d.st.Endpoint().ReadError())
-		d.state.set(batonv1.NodeState_NODE_STATE_FAILED, d.st.Endpoint().ReadError().Error())
+		d.failHealth(d.st.Endpoint().ReadError().Error())
 		status = 1
 	}
 	d.stop()
@@ -106,6 +111,8 @@ type daemon struct {
 	tracker     *handoff.Tracker
 	stopTracker func()
 	repl        *handoff.Replication
+
+	health *healthParts
 
 	admin        *grpc.Server
 	adminCleanup func()
@@ -158,6 +165,9 @@ func (d *daemon) start() error {
 	if err := d.startHandoff(); err != nil {
 		return err
 	}
+	if err := d.setupHealth(); err != nil {
+		return err
+	}
 	if err := d.startAdmin(); err != nil {
 		return err
 	}
@@ -172,8 +182,10 @@ func (d *daemon) start() error {
 	if err := d.routes.Add(cfg.prefixes...); err != nil {
 		return err
 	}
-	d.state.set(batonv1.NodeState_NODE_STATE_SERVING)
-	d.log.Info("serving", "node", cfg.Node, "anycast", cfg.Anycast, "tun", cfg.TUN.Name,
+	if err := d.startHealth(); err != nil {
+		return err
+	}
+	d.log.Info("started; announcing once healthy", "announce", cfg.Announce, "node", cfg.Node, "anycast", cfg.Anycast, "tun", cfg.TUN.Name,
 		"mtu", cfg.TUN.MTU, "queues", cfg.TUN.Queues, "tun_offload", cfg.TUN.Offload, "services", formatServices(cfg.Service),
 		"admin", cfg.Admin, "metrics", cfg.Metrics)
 	return nil
@@ -222,6 +234,7 @@ func (d *daemon) startMetrics() error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(newNodeCollector(d))
 	reg.MustRegister(d.handoffCollectors()...)
+	reg.MustRegister(newHealthCollector(d))
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	if d.cfg.Pprof {
@@ -245,6 +258,7 @@ func (d *daemon) startMetrics() error {
 
 // stop undoes start in reverse order; it is safe on a partly started daemon.
 func (d *daemon) stop() {
+	d.stopHealth()
 	d.state.set(batonv1.NodeState_NODE_STATE_STOPPING, "stopping")
 	if d.routes != nil {
 		if err := d.routes.Remove(); err != nil {
