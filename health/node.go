@@ -7,7 +7,7 @@ package health
 //
 //	starting --all critical checks up--> serving <--> unhealthy
 //	   |                                   |             |
-//	   +---------------- drain ------------+-------------+--> draining --no flows--> drained
+//	   +---------------- drain ------------+-------------+--> draining --settled, no flows--> drained
 //	                                  undrain: back to serving/unhealthy/starting
 //	any state --> stopping (shutdown) | failed (the TUN device failed)
 //
@@ -38,7 +38,8 @@ const (
 	// NodeDraining: withdrawn on request (drain or shutdown); the node
 	// still serves the flows it owns.
 	NodeDraining
-	// NodeDrained: draining and the node owned no flow.
+	// NodeDrained: withdrawn for at least DrainSettle, and the node owned
+	// no flow.
 	NodeDrained
 	// NodeStopping: shutting down.
 	NodeStopping
@@ -89,7 +90,11 @@ type MachineConfig struct {
 	OnChange func(NodeState, []string)
 	// Tick is how often Run re-evaluates without a change (drained
 	// detection, retrying a failed announcement); default 100 ms.
-	Tick   time.Duration
+	Tick time.Duration
+	// DrainSettle is how long a drain lasts at least before the node
+	// reports drained: the network takes time to stop sending new flows
+	// after the withdrawal. Default 1 s.
+	DrainSettle time.Duration
 	Clock  Clock
 	Logger *slog.Logger
 }
@@ -108,6 +113,7 @@ type Machine struct {
 	everHealthy bool
 	draining    bool
 	drainReason string
+	drainStart  time.Time
 	drained     bool
 	shutdown    bool
 	stopping    bool
@@ -128,6 +134,9 @@ func NewMachine(cfg MachineConfig) *Machine {
 	}
 	if cfg.Tick <= 0 {
 		cfg.Tick = 100 * time.Millisecond
+	}
+	if cfg.DrainSettle <= 0 {
+		cfg.DrainSettle = time.Second
 	}
 	if cfg.Announcer == nil {
 		cfg.Announcer = &None{}
@@ -176,7 +185,8 @@ func (m *Machine) Evaluate(ctx context.Context) NodeState {
 		st, reasons = NodeStopping, []string{"stopping"}
 	case m.draining:
 		n := m.flows()
-		if m.drained || n == 0 {
+		settled := m.cfg.Clock.Now().Sub(m.drainStart) >= m.cfg.DrainSettle
+		if m.drained || (n == 0 && settled) {
 			m.drained = true
 			st = NodeDrained
 		} else {
@@ -274,6 +284,7 @@ func (m *Machine) Drain(ctx context.Context, reason string) (NodeState, error) {
 	}
 	if !m.draining {
 		m.draining, m.drained, m.drainReason = true, false, reason
+		m.drainStart = m.cfg.Clock.Now()
 	}
 	m.mu.Unlock()
 	return m.Evaluate(ctx), nil
@@ -303,6 +314,9 @@ func (m *Machine) Undrain(ctx context.Context) (NodeState, error) {
 func (m *Machine) Shutdown(ctx context.Context) NodeState {
 	m.mu.Lock()
 	m.shutdown = true
+	if !m.draining {
+		m.drainStart = m.cfg.Clock.Now()
+	}
 	m.draining, m.drained, m.drainReason = true, false, "shutting down"
 	m.mu.Unlock()
 	return m.Evaluate(ctx)

@@ -68,8 +68,10 @@ func TestMachine(t *testing.T) {
 	ann := &fakeAnnouncer{}
 	v := &fakeVerdict{}
 	flows := &fakeFlows{}
+	clk := newFakeClock()
 	var changes []NodeState
 	m := NewMachine(MachineConfig{Prefixes: prefixes, Checks: v, Flows: flows, Announcer: ann, Logger: quiet,
+		Clock: clk, DrainSettle: time.Second,
 		OnChange: func(s NodeState, _ []string) { changes = append(changes, s) }})
 
 	// expect evaluates and checks the state and the announcement.
@@ -115,7 +117,9 @@ func TestMachine(t *testing.T) {
 	expect("draining with flows", NodeDraining, false)
 	v.set(false)
 	flows.n.Store(0)
-	expect("flows gone", NodeDrained, false)
+	expect("flows gone, not settled", NodeDraining, false)
+	clk.Advance(time.Second)
+	expect("flows gone, settled", NodeDrained, false)
 	flows.n.Store(1)
 	expect("a flow while drained", NodeDrained, false)
 	if st, err := m.Undrain(ctx); err != nil || st != NodeUnhealthy {
@@ -165,7 +169,7 @@ func TestMachine(t *testing.T) {
 	}
 	// Every change of state or of its reasons (the check's problem at
 	// the start, a flow while drained, the announcer's error).
-	want := []NodeState{NodeStarting, NodeServing, NodeUnhealthy, NodeServing, NodeDraining, NodeDrained, NodeDrained,
+	want := []NodeState{NodeStarting, NodeServing, NodeUnhealthy, NodeServing, NodeDraining, NodeDraining, NodeDrained, NodeDrained,
 		NodeUnhealthy, NodeServing, NodeUnhealthy, NodeServing, NodeServing, NodeDraining, NodeStopping}
 	if !slices.Equal(changes, want) {
 		t.Fatalf("OnChange saw %v\nwant %v", changes, want)
@@ -176,12 +180,18 @@ func TestMachineStartingDrainAndFail(t *testing.T) {
 	ctx := context.Background()
 	ann := &fakeAnnouncer{}
 	v := &fakeVerdict{}
-	m := NewMachine(MachineConfig{Prefixes: []netip.Prefix{netip.MustParsePrefix("192.0.2.1/32")}, Checks: v, Announcer: ann, Logger: quiet})
+	clk := newFakeClock()
+	m := NewMachine(MachineConfig{Prefixes: []netip.Prefix{netip.MustParsePrefix("192.0.2.1/32")}, Checks: v, Announcer: ann,
+		Logger: quiet, Clock: clk, DrainSettle: time.Second})
 	if st, err := m.Undrain(ctx); !errors.Is(err, ErrNotDraining) || st != NodeStarting {
 		t.Fatalf("undrain a starting node: %v %v", st, err)
 	}
-	if st, _ := m.Drain(ctx, "drain"); st != NodeDrained {
+	if st, _ := m.Drain(ctx, "drain"); st != NodeDraining {
 		t.Fatalf("drain without flows: %v", st)
+	}
+	clk.Advance(time.Second)
+	if st := m.Evaluate(ctx); st != NodeDrained {
+		t.Fatalf("drain without flows, settled: %v", st)
 	}
 	if st, _ := m.Undrain(ctx); st != NodeStarting {
 		t.Fatalf("undrain a node never healthy: %v", st)
@@ -216,7 +226,7 @@ func TestMachineRun(t *testing.T) {
 	flows.n.Store(1)
 	states := make(chan NodeState, 16)
 	m := NewMachine(MachineConfig{Prefixes: []netip.Prefix{netip.MustParsePrefix("192.0.2.1/32")}, Checks: v,
-		Flows: flows, Announcer: ann, Clock: clk, Tick: time.Second, Logger: quiet,
+		Flows: flows, Announcer: ann, Clock: clk, Tick: time.Second, DrainSettle: time.Second, Logger: quiet,
 		OnChange: func(s NodeState, _ []string) { states <- s }})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

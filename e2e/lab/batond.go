@@ -24,7 +24,9 @@ func (l *Lab) AdminSocket(i int) string {
 
 // BatondArgs returns the command line for batond on node index i: the
 // lab's anycast addresses, TUN TUNName, the admin socket in the log
-// directory, metrics on the node's loopback, followed by extra.
+// directory, metrics on the node's loopback, a drain timeout shorter than
+// Proc.Stop's grace, in BGP mode the announcer's flags (announce bgp to
+// the router, passive), followed by extra.
 func (l *Lab) BatondArgs(bin string, i int, extra ...string) []string {
 	anycast := l.Anycast4.String() + "/32"
 	if l.IPv6 {
@@ -36,16 +38,25 @@ func (l *Lab) BatondArgs(bin string, i int, extra ...string) []string {
 		"-tun", TUNName,
 		"-admin", "unix:" + l.AdminSocket(i),
 		"-metrics", "127.0.0.1:9470",
+		// SIGTERM waits at most this long for the node's flows to go,
+		// under Proc.Stop's grace before SIGKILL.
+		"-drain-timeout", (termGrace - time.Second).String(),
 	}
 	if l.cluster != nil {
 		args = append(args, l.clusterArgs(i)...)
+	}
+	if l.Routing == RoutingBGP {
+		args = append(args, l.bgpArgs(i)...)
 	}
 	return append(args, extra...)
 }
 
 // StartBatond starts batond (binary bin) on node index i with BatondArgs and
 // waits until it is ready: its TUN is up and the anycast routes point into
-// it. If the process exits first, the error carries the end of its log.
+// it, and in BGP mode the router routes to it (its checks passed and it
+// announced; unless SetNexthops keeps the node out). If the process exits
+// first, the error carries the end of its log. StartBatondUnannounced does
+// not wait for the router.
 func (l *Lab) StartBatond(ctx context.Context, bin string, i int, extra ...string) (*Proc, error) {
 	if i < 0 || i >= len(l.Nodes) {
 		return nil, fmt.Errorf("lab: no node index %d", i)
@@ -57,6 +68,12 @@ func (l *Lab) StartBatond(ctx context.Context, bin string, i int, extra ...strin
 	if err := l.waitBatond(ctx, p, i); err != nil {
 		_ = p.Kill()
 		return nil, err
+	}
+	if l.bird != nil && l.allowedByRouter(i) {
+		if err := l.waitAnnouncedOrExit(ctx, p, i); err != nil {
+			_ = p.Kill()
+			return nil, err
+		}
 	}
 	return p, nil
 }

@@ -20,9 +20,28 @@
 //	|  2001:db8:100::1  |          |                        |       |                              |
 //	+-------------------+          | 192.0.2.1/32 and       |       | any0 (TUN, made by batond):  |
 //	                               | 2001:db8:a::1/128      |       |  192.0.2.1/32 dev any0       |
-//	                               |  multipath via every   |       |  2001:db8:a::1/128 dev any0  |
-//	                               |  node's eth0 address   |       +------------------------------+
+//	                               |  multipath via the     |       |  2001:db8:a::1/128 dev any0  |
+//	                               |  nodes' eth0 addresses |       | batond's BGP speaker :179    |
+//	                               | BIRD (bgp mode)        |       +------------------------------+
 //	                               +------------------------+
+//
+// # Routing: BGP (default) or static
+//
+// Config.Routing "bgp" (the default): BIRD 2 runs in the router namespace
+// (bird -f with -c/-s/-P files in LogDir; Lab.Birdc queries it from the
+// router namespace) with one iBGP session per node, AS BGPASN on both
+// sides, IPv6 routes over the same IPv4 session (multiprotocol BGP). BIRD
+// dials every node each second (the nodes' batond are passive) and
+// installs the anycast routes as one kernel multipath route (merge paths)
+// over the nodes that announce. A node announces only while its health
+// checks pass, so the router's nexthops are the healthy nodes. BatondArgs
+// adds the announcer's flags; StartBatond waits until the router routes
+// to the node (StartBatondUnannounced does not); Lab.WaitNexthops and
+// Lab.WaitAnnounced wait for the FIB, woken by route notifications.
+// SetNexthops filters which nodes' announcements BIRD uses.
+//
+// Config.Routing "static": a static kernel multipath route over every
+// node, whatever runs there (a node's kernel can answer), as before BGP.
 //
 // Every veth is created from a netlink socket inside the router namespace,
 // its peer placed directly into the client or node namespace with
@@ -58,7 +77,7 @@
 //
 // Lab.WaitRoute is the readiness check for a node daemon: the TUN is up
 // with carrier and the node's anycast routes point into it. Lab.SetNexthops
-// changes the router's ECMP set. With hash-threshold multipath, removing
+// changes the router's ECMP set (in BGP mode: whose announcements count). With hash-threshold multipath, removing
 // one nexthop also moves flows between the remaining ones: do not assume
 // only the removed node's flows move.
 //

@@ -52,6 +52,11 @@ type Config struct {
 	// Logf receives notes (e.g. an unsupported sysctl). Default log.Printf;
 	// tests usually pass t.Logf.
 	Logf func(format string, args ...any)
+	// Routing is how the router learns the anycast routes: RoutingBGP
+	// (the default, "" too): BIRD peers with every node's batond, which
+	// announces when healthy (bgp.go); RoutingStatic: a static multipath
+	// route over every node, whatever runs there.
+	Routing string
 }
 
 // Lab is a running lab: client, router and node namespaces wired together.
@@ -65,6 +70,8 @@ type Lab struct {
 	// HashSeed is the router's fib_multipath_hash_seed, 0 if the kernel
 	// has none.
 	HashSeed uint32
+	// Routing is RoutingBGP or RoutingStatic (Config.Routing).
+	Routing string
 
 	Client, Router *NS
 	// Nodes[i] is node index i (0-based), namespace <Name>-n<i+1>.
@@ -83,6 +90,7 @@ type Lab struct {
 	model6Err error          // why model6 is nil
 
 	cluster *Cluster // set by EnableCluster
+	bird    *bird    // the BIRD router (RoutingBGP), set once it runs
 
 	mu        sync.Mutex
 	closed    bool
@@ -123,10 +131,18 @@ func New(ctx context.Context, cfg Config) (*Lab, error) {
 	if !prefixRE.MatchString(cfg.Prefix) {
 		return nil, fmt.Errorf("lab: bad Prefix %q", cfg.Prefix)
 	}
+	switch cfg.Routing {
+	case "":
+		cfg.Routing = RoutingBGP
+	case RoutingBGP, RoutingStatic:
+	default:
+		return nil, fmt.Errorf("lab: Routing %q is not %q or %q", cfg.Routing, RoutingBGP, RoutingStatic)
+	}
 	if os.Geteuid() != 0 {
 		return nil, errors.New("lab: needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN)")
 	}
 	l := &Lab{
+		Routing:     cfg.Routing,
 		IPv6:        !cfg.DisableIPv6,
 		Anycast4:    Anycast4,
 		ClientAddr4: netip.MustParseAddr("198.51.100.2"),
@@ -194,6 +210,10 @@ func (l *Lab) build(ctx context.Context, cfg Config) error {
 		l.setupRoutes,
 		l.openPredictSocket,
 		func() error { l.calibrate6(); return nil },
+	}
+	if l.Routing == RoutingBGP {
+		// The static routes above served the IPv6 hash calibration only.
+		steps = append(steps, func() error { return l.startBIRD(ctx) })
 	}
 	for _, step := range steps {
 		if err := ctx.Err(); err != nil {

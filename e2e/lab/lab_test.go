@@ -33,6 +33,10 @@ func newLab(t *testing.T, cfg Config) *Lab {
 	if cfg.LogDir == "" {
 		cfg.LogDir = t.TempDir()
 	}
+	if cfg.Routing == "" {
+		// These tests route to nodes without batond: the kernel answers.
+		cfg.Routing = RoutingStatic
+	}
 	l, err := New(t.Context(), cfg)
 	if err != nil {
 		t.Fatalf("New: %v", err)
@@ -271,7 +275,7 @@ func TestProcessesAndClose(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
 	}
-	l, err := New(t.Context(), Config{Nodes: 2, DisableIPv6: true, Logf: t.Logf, LogDir: t.TempDir()})
+	l, err := New(t.Context(), Config{Nodes: 2, DisableIPv6: true, Logf: t.Logf, LogDir: t.TempDir(), Routing: RoutingStatic})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -70,19 +70,34 @@ func (l *Lab) anycastPrefixes() []netip.Prefix {
 // also moves some flows between the remaining ones). An empty list
 // removes the routes, so the router answers "unreachable". The change is
 // atomic per family (RTM_NEWROUTE with NLM_F_REPLACE) and is read back.
+//
+// In BGP mode (Config.Routing) the router routes only to nodes that
+// announce: SetNexthops makes BIRD import the announcements of the given
+// nodes only (the others' are kept, not used), and returns once the FIB
+// uses exactly the given nodes that announce (bgp.go). A node that is not
+// in the list stays out when it (re)announces, until the next SetNexthops.
 func (l *Lab) SetNexthops(active []int) error {
 	seen := map[int]bool{}
-	var nodes []*Node
 	for _, i := range active {
-		n := l.Node(i)
-		if n == nil {
+		if l.Node(i) == nil {
 			return fmt.Errorf("lab: SetNexthops: no node %d (have %d)", i, len(l.Nodes))
 		}
 		if seen[i] {
 			return fmt.Errorf("lab: SetNexthops: node %d listed twice", i)
 		}
 		seen[i] = true
-		nodes = append(nodes, n)
+	}
+	if l.bird != nil {
+		return l.setBGPNexthops(active)
+	}
+	return l.setStaticNexthops(active)
+}
+
+// setStaticNexthops is SetNexthops with static routes (active is valid).
+func (l *Lab) setStaticNexthops(active []int) error {
+	var nodes []*Node
+	for _, i := range active {
+		nodes = append(nodes, l.Node(i))
 	}
 	h := l.Router.Netlink()
 	var errs []error

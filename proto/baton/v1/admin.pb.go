@@ -31,7 +31,8 @@ const (
 	NodeState_NODE_STATE_UNSPECIFIED NodeState = 0
 	// Starting: the stack is up but the anycast routes are not installed yet.
 	NodeState_NODE_STATE_STARTING NodeState = 1
-	// Serving: routes installed, services accepting.
+	// Serving: healthy (every critical check passes), services accepting,
+	// prefixes announced (with announcer bgp).
 	NodeState_NODE_STATE_SERVING NodeState = 2
 	// Stopping: shutting down; routes are being or have been removed.
 	NodeState_NODE_STATE_STOPPING NodeState = 3
@@ -39,6 +40,12 @@ const (
 	NodeState_NODE_STATE_FAILED NodeState = 4
 	// Draining: serving existing flows, asking the network for no new ones.
 	NodeState_NODE_STATE_DRAINING NodeState = 5
+	// Unhealthy: a critical check is down after the node was serving; the
+	// announcement is withdrawn until the checks pass again.
+	NodeState_NODE_STATE_UNHEALTHY NodeState = 6
+	// Drained: draining for at least a second (the network's time to stop
+	// sending new flows), and the node owned no flow.
+	NodeState_NODE_STATE_DRAINED NodeState = 7
 )
 
 // Enum value maps for NodeState.
@@ -50,6 +57,8 @@ var (
 		3: "NODE_STATE_STOPPING",
 		4: "NODE_STATE_FAILED",
 		5: "NODE_STATE_DRAINING",
+		6: "NODE_STATE_UNHEALTHY",
+		7: "NODE_STATE_DRAINED",
 	}
 	NodeState_value = map[string]int32{
 		"NODE_STATE_UNSPECIFIED": 0,
@@ -58,6 +67,8 @@ var (
 		"NODE_STATE_STOPPING":    3,
 		"NODE_STATE_FAILED":      4,
 		"NODE_STATE_DRAINING":    5,
+		"NODE_STATE_UNHEALTHY":   6,
+		"NODE_STATE_DRAINED":     7,
 	}
 )
 
@@ -86,6 +97,60 @@ func (x NodeState) Number() protoreflect.EnumNumber {
 // Deprecated: Use NodeState.Descriptor instead.
 func (NodeState) EnumDescriptor() ([]byte, []int) {
 	return file_baton_v1_admin_proto_rawDescGZIP(), []int{0}
+}
+
+// CheckState is a health check's verdict after its rise/fall thresholds.
+type CheckState int32
+
+const (
+	CheckState_CHECK_STATE_UNSPECIFIED CheckState = 0
+	// Init: no verdict yet.
+	CheckState_CHECK_STATE_INIT CheckState = 1
+	CheckState_CHECK_STATE_UP   CheckState = 2
+	CheckState_CHECK_STATE_DOWN CheckState = 3
+)
+
+// Enum value maps for CheckState.
+var (
+	CheckState_name = map[int32]string{
+		0: "CHECK_STATE_UNSPECIFIED",
+		1: "CHECK_STATE_INIT",
+		2: "CHECK_STATE_UP",
+		3: "CHECK_STATE_DOWN",
+	}
+	CheckState_value = map[string]int32{
+		"CHECK_STATE_UNSPECIFIED": 0,
+		"CHECK_STATE_INIT":        1,
+		"CHECK_STATE_UP":          2,
+		"CHECK_STATE_DOWN":        3,
+	}
+)
+
+func (x CheckState) Enum() *CheckState {
+	p := new(CheckState)
+	*p = x
+	return p
+}
+
+func (x CheckState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (CheckState) Descriptor() protoreflect.EnumDescriptor {
+	return file_baton_v1_admin_proto_enumTypes[1].Descriptor()
+}
+
+func (CheckState) Type() protoreflect.EnumType {
+	return &file_baton_v1_admin_proto_enumTypes[1]
+}
+
+func (x CheckState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use CheckState.Descriptor instead.
+func (CheckState) EnumDescriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{1}
 }
 
 type HealthRequest struct {
@@ -134,8 +199,19 @@ type HealthResponse struct {
 	StartedUnixNano int64    `protobuf:"varint,5,opt,name=started_unix_nano,json=startedUnixNano,proto3" json:"started_unix_nano,omitempty"`
 	Anycast         []string `protobuf:"bytes,6,rep,name=anycast,proto3" json:"anycast,omitempty"`
 	Tun             string   `protobuf:"bytes,7,opt,name=tun,proto3" json:"tun,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Health checks, in configuration order.
+	Checks []*CheckStatus `protobuf:"bytes,8,rep,name=checks,proto3" json:"checks,omitempty"`
+	// The announcer: "bgp" or "none" (routes managed outside Baton).
+	Announcer string `protobuf:"bytes,9,opt,name=announcer,proto3" json:"announcer,omitempty"`
+	// One entry per anycast prefix.
+	Announcements []*Announcement `protobuf:"bytes,10,rep,name=announcements,proto3" json:"announcements,omitempty"`
+	// BGP sessions (announcer bgp).
+	BgpSessions []*BGPSession `protobuf:"bytes,11,rep,name=bgp_sessions,json=bgpSessions,proto3" json:"bgp_sessions,omitempty"`
+	// Flows this node owns now (a drain ends when this is 0).
+	OwnedFlows         uint32 `protobuf:"varint,12,opt,name=owned_flows,json=ownedFlows,proto3" json:"owned_flows,omitempty"`
+	StateSinceUnixNano int64  `protobuf:"varint,13,opt,name=state_since_unix_nano,json=stateSinceUnixNano,proto3" json:"state_since_unix_nano,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *HealthResponse) Reset() {
@@ -217,6 +293,434 @@ func (x *HealthResponse) GetTun() string {
 	return ""
 }
 
+func (x *HealthResponse) GetChecks() []*CheckStatus {
+	if x != nil {
+		return x.Checks
+	}
+	return nil
+}
+
+func (x *HealthResponse) GetAnnouncer() string {
+	if x != nil {
+		return x.Announcer
+	}
+	return ""
+}
+
+func (x *HealthResponse) GetAnnouncements() []*Announcement {
+	if x != nil {
+		return x.Announcements
+	}
+	return nil
+}
+
+func (x *HealthResponse) GetBgpSessions() []*BGPSession {
+	if x != nil {
+		return x.BgpSessions
+	}
+	return nil
+}
+
+func (x *HealthResponse) GetOwnedFlows() uint32 {
+	if x != nil {
+		return x.OwnedFlows
+	}
+	return 0
+}
+
+func (x *HealthResponse) GetStateSinceUnixNano() int64 {
+	if x != nil {
+		return x.StateSinceUnixNano
+	}
+	return 0
+}
+
+// CheckStatus is one health check.
+type CheckStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// tcp, http, udp, tun, peers.
+	Kind string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	// What is probed, e.g. "192.0.2.1:80 [2001:db8:a::1]:80".
+	Target string     `protobuf:"bytes,3,opt,name=target,proto3" json:"target,omitempty"`
+	State  CheckState `protobuf:"varint,4,opt,name=state,proto3,enum=baton.v1.CheckState" json:"state,omitempty"`
+	// Critical checks decide the node's health; the others are reported.
+	Critical      bool  `protobuf:"varint,5,opt,name=critical,proto3" json:"critical,omitempty"`
+	SinceUnixNano int64 `protobuf:"varint,6,opt,name=since_unix_nano,json=sinceUnixNano,proto3" json:"since_unix_nano,omitempty"`
+	// The last attempt: when it started, how long it took, "ok" or why it
+	// failed.
+	LastUnixNano     int64  `protobuf:"varint,7,opt,name=last_unix_nano,json=lastUnixNano,proto3" json:"last_unix_nano,omitempty"`
+	LastDurationNano int64  `protobuf:"varint,8,opt,name=last_duration_nano,json=lastDurationNano,proto3" json:"last_duration_nano,omitempty"`
+	LastOk           bool   `protobuf:"varint,9,opt,name=last_ok,json=lastOk,proto3" json:"last_ok,omitempty"`
+	LastResult       string `protobuf:"bytes,10,opt,name=last_result,json=lastResult,proto3" json:"last_result,omitempty"`
+	// Current runs of passes and failures, toward rise and fall.
+	OkRun        uint32 `protobuf:"varint,11,opt,name=ok_run,json=okRun,proto3" json:"ok_run,omitempty"`
+	FailRun      uint32 `protobuf:"varint,12,opt,name=fail_run,json=failRun,proto3" json:"fail_run,omitempty"`
+	Rise         uint32 `protobuf:"varint,13,opt,name=rise,proto3" json:"rise,omitempty"`
+	Fall         uint32 `protobuf:"varint,14,opt,name=fall,proto3" json:"fall,omitempty"`
+	IntervalNano int64  `protobuf:"varint,15,opt,name=interval_nano,json=intervalNano,proto3" json:"interval_nano,omitempty"`
+	TimeoutNano  int64  `protobuf:"varint,16,opt,name=timeout_nano,json=timeoutNano,proto3" json:"timeout_nano,omitempty"`
+	Total        uint64 `protobuf:"varint,17,opt,name=total,proto3" json:"total,omitempty"`
+	Failures     uint64 `protobuf:"varint,18,opt,name=failures,proto3" json:"failures,omitempty"`
+	// TESTING AID: "fail" or "pass" when a test forces the result
+	// (batond -check-override-file); empty normally.
+	Override      string `protobuf:"bytes,19,opt,name=override,proto3" json:"override,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckStatus) Reset() {
+	*x = CheckStatus{}
+	mi := &file_baton_v1_admin_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckStatus) ProtoMessage() {}
+
+func (x *CheckStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_admin_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckStatus.ProtoReflect.Descriptor instead.
+func (*CheckStatus) Descriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *CheckStatus) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CheckStatus) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *CheckStatus) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *CheckStatus) GetState() CheckState {
+	if x != nil {
+		return x.State
+	}
+	return CheckState_CHECK_STATE_UNSPECIFIED
+}
+
+func (x *CheckStatus) GetCritical() bool {
+	if x != nil {
+		return x.Critical
+	}
+	return false
+}
+
+func (x *CheckStatus) GetSinceUnixNano() int64 {
+	if x != nil {
+		return x.SinceUnixNano
+	}
+	return 0
+}
+
+func (x *CheckStatus) GetLastUnixNano() int64 {
+	if x != nil {
+		return x.LastUnixNano
+	}
+	return 0
+}
+
+func (x *CheckStatus) GetLastDurationNano() int64 {
+	if x != nil {
+		return x.LastDurationNano
+	}
+	return 0
+}
+
+func (x *CheckStatus) GetLastOk() bool {
+	if x != nil {
+		return x.LastOk
+	}
+	return false
+}
+
+func (x *CheckStatus) GetLastResult() string {
+	if x != nil {
+		return x.LastResult
+	}
+	return ""
+}
+
+func (x *CheckStatus) GetOkRun() uint32 {
+	if x != nil {
+		return x.OkRun
+	}
+	return 0
+}
+
+func (x *CheckStatus) GetFailRun() uint32 {
+	if x != nil {
+		return x.FailRun
+	}
+	return 0
+}
+
+func (x *CheckStatus) GetRise() uint32 {
+	if x != nil {
+		return x.Rise
+	}
+	return 0
+}
+
+func (x *CheckStatus) GetFall() uint32 {
+	if x != nil {
+		return x.Fall
+	}
+	return 0
+}
+
+func (x *CheckStatus) GetIntervalNano() int64 {
+	if x != nil {
+		return x.IntervalNano
+	}
+	return 0
+}
+
+func (x *CheckStatus) GetTimeoutNano() int64 {
+	if x != nil {
+		return x.TimeoutNano
+	}
+	return 0
+}
+
+func (x *CheckStatus) GetTotal() uint64 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
+func (x *CheckStatus) GetFailures() uint64 {
+	if x != nil {
+		return x.Failures
+	}
+	return 0
+}
+
+func (x *CheckStatus) GetOverride() string {
+	if x != nil {
+		return x.Override
+	}
+	return ""
+}
+
+// Announcement is one anycast prefix and whether it is announced.
+type Announcement struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Prefix    string                 `protobuf:"bytes,1,opt,name=prefix,proto3" json:"prefix,omitempty"`
+	Announced bool                   `protobuf:"varint,2,opt,name=announced,proto3" json:"announced,omitempty"`
+	// The next hop announced (empty: the session's own address).
+	NextHop       string `protobuf:"bytes,3,opt,name=next_hop,json=nextHop,proto3" json:"next_hop,omitempty"`
+	SinceUnixNano int64  `protobuf:"varint,4,opt,name=since_unix_nano,json=sinceUnixNano,proto3" json:"since_unix_nano,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Announcement) Reset() {
+	*x = Announcement{}
+	mi := &file_baton_v1_admin_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Announcement) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Announcement) ProtoMessage() {}
+
+func (x *Announcement) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_admin_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Announcement.ProtoReflect.Descriptor instead.
+func (*Announcement) Descriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *Announcement) GetPrefix() string {
+	if x != nil {
+		return x.Prefix
+	}
+	return ""
+}
+
+func (x *Announcement) GetAnnounced() bool {
+	if x != nil {
+		return x.Announced
+	}
+	return false
+}
+
+func (x *Announcement) GetNextHop() string {
+	if x != nil {
+		return x.NextHop
+	}
+	return ""
+}
+
+func (x *Announcement) GetSinceUnixNano() int64 {
+	if x != nil {
+		return x.SinceUnixNano
+	}
+	return 0
+}
+
+// BGPSession is one BGP neighbor of the node's speaker.
+type BGPSession struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Neighbor string                 `protobuf:"bytes,1,opt,name=neighbor,proto3" json:"neighbor,omitempty"`
+	PeerAsn  uint32                 `protobuf:"varint,2,opt,name=peer_asn,json=peerAsn,proto3" json:"peer_asn,omitempty"`
+	LocalAsn uint32                 `protobuf:"varint,3,opt,name=local_asn,json=localAsn,proto3" json:"local_asn,omitempty"`
+	Passive  bool                   `protobuf:"varint,4,opt,name=passive,proto3" json:"passive,omitempty"`
+	// idle, connect, active, opensent, openconfirm, established.
+	State string `protobuf:"bytes,5,opt,name=state,proto3" json:"state,omitempty"`
+	// When the session came up (0 when it is not established).
+	EstablishedUnixNano int64  `protobuf:"varint,6,opt,name=established_unix_nano,json=establishedUnixNano,proto3" json:"established_unix_nano,omitempty"`
+	RoutesAdvertised    uint64 `protobuf:"varint,7,opt,name=routes_advertised,json=routesAdvertised,proto3" json:"routes_advertised,omitempty"`
+	RoutesReceived      uint64 `protobuf:"varint,8,opt,name=routes_received,json=routesReceived,proto3" json:"routes_received,omitempty"`
+	HoldTimeNano        int64  `protobuf:"varint,9,opt,name=hold_time_nano,json=holdTimeNano,proto3" json:"hold_time_nano,omitempty"`
+	Flaps               uint32 `protobuf:"varint,10,opt,name=flaps,proto3" json:"flaps,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *BGPSession) Reset() {
+	*x = BGPSession{}
+	mi := &file_baton_v1_admin_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BGPSession) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BGPSession) ProtoMessage() {}
+
+func (x *BGPSession) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_admin_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BGPSession.ProtoReflect.Descriptor instead.
+func (*BGPSession) Descriptor() ([]byte, []int) {
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *BGPSession) GetNeighbor() string {
+	if x != nil {
+		return x.Neighbor
+	}
+	return ""
+}
+
+func (x *BGPSession) GetPeerAsn() uint32 {
+	if x != nil {
+		return x.PeerAsn
+	}
+	return 0
+}
+
+func (x *BGPSession) GetLocalAsn() uint32 {
+	if x != nil {
+		return x.LocalAsn
+	}
+	return 0
+}
+
+func (x *BGPSession) GetPassive() bool {
+	if x != nil {
+		return x.Passive
+	}
+	return false
+}
+
+func (x *BGPSession) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *BGPSession) GetEstablishedUnixNano() int64 {
+	if x != nil {
+		return x.EstablishedUnixNano
+	}
+	return 0
+}
+
+func (x *BGPSession) GetRoutesAdvertised() uint64 {
+	if x != nil {
+		return x.RoutesAdvertised
+	}
+	return 0
+}
+
+func (x *BGPSession) GetRoutesReceived() uint64 {
+	if x != nil {
+		return x.RoutesReceived
+	}
+	return 0
+}
+
+func (x *BGPSession) GetHoldTimeNano() int64 {
+	if x != nil {
+		return x.HoldTimeNano
+	}
+	return 0
+}
+
+func (x *BGPSession) GetFlaps() uint32 {
+	if x != nil {
+		return x.Flaps
+	}
+	return 0
+}
+
 type StatsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -225,7 +729,7 @@ type StatsRequest struct {
 
 func (x *StatsRequest) Reset() {
 	*x = StatsRequest{}
-	mi := &file_baton_v1_admin_proto_msgTypes[2]
+	mi := &file_baton_v1_admin_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -237,7 +741,7 @@ func (x *StatsRequest) String() string {
 func (*StatsRequest) ProtoMessage() {}
 
 func (x *StatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[2]
+	mi := &file_baton_v1_admin_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -250,7 +754,7 @@ func (x *StatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsRequest.ProtoReflect.Descriptor instead.
 func (*StatsRequest) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{2}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{5}
 }
 
 type StatsResponse struct {
@@ -269,7 +773,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_baton_v1_admin_proto_msgTypes[3]
+	mi := &file_baton_v1_admin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -281,7 +785,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[3]
+	mi := &file_baton_v1_admin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -294,7 +798,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{3}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *StatsResponse) GetNode() string {
@@ -369,7 +873,7 @@ type DeviceStats struct {
 
 func (x *DeviceStats) Reset() {
 	*x = DeviceStats{}
-	mi := &file_baton_v1_admin_proto_msgTypes[4]
+	mi := &file_baton_v1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -381,7 +885,7 @@ func (x *DeviceStats) String() string {
 func (*DeviceStats) ProtoMessage() {}
 
 func (x *DeviceStats) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[4]
+	mi := &file_baton_v1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -394,7 +898,7 @@ func (x *DeviceStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceStats.ProtoReflect.Descriptor instead.
 func (*DeviceStats) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{4}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DeviceStats) GetName() string {
@@ -492,7 +996,7 @@ type LinkStats struct {
 
 func (x *LinkStats) Reset() {
 	*x = LinkStats{}
-	mi := &file_baton_v1_admin_proto_msgTypes[5]
+	mi := &file_baton_v1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -504,7 +1008,7 @@ func (x *LinkStats) String() string {
 func (*LinkStats) ProtoMessage() {}
 
 func (x *LinkStats) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[5]
+	mi := &file_baton_v1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -517,7 +1021,7 @@ func (x *LinkStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LinkStats.ProtoReflect.Descriptor instead.
 func (*LinkStats) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{5}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *LinkStats) GetRxPackets() uint64 {
@@ -598,7 +1102,7 @@ type ServiceStats struct {
 
 func (x *ServiceStats) Reset() {
 	*x = ServiceStats{}
-	mi := &file_baton_v1_admin_proto_msgTypes[6]
+	mi := &file_baton_v1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -610,7 +1114,7 @@ func (x *ServiceStats) String() string {
 func (*ServiceStats) ProtoMessage() {}
 
 func (x *ServiceStats) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[6]
+	mi := &file_baton_v1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -623,7 +1127,7 @@ func (x *ServiceStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServiceStats.ProtoReflect.Descriptor instead.
 func (*ServiceStats) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{6}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ServiceStats) GetName() string {
@@ -687,7 +1191,7 @@ type RefusedStats struct {
 
 func (x *RefusedStats) Reset() {
 	*x = RefusedStats{}
-	mi := &file_baton_v1_admin_proto_msgTypes[7]
+	mi := &file_baton_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -699,7 +1203,7 @@ func (x *RefusedStats) String() string {
 func (*RefusedStats) ProtoMessage() {}
 
 func (x *RefusedStats) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[7]
+	mi := &file_baton_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -712,7 +1216,7 @@ func (x *RefusedStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefusedStats.ProtoReflect.Descriptor instead.
 func (*RefusedStats) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RefusedStats) GetTcpNoService() uint64 {
@@ -754,7 +1258,7 @@ type HookDrops struct {
 
 func (x *HookDrops) Reset() {
 	*x = HookDrops{}
-	mi := &file_baton_v1_admin_proto_msgTypes[8]
+	mi := &file_baton_v1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -766,7 +1270,7 @@ func (x *HookDrops) String() string {
 func (*HookDrops) ProtoMessage() {}
 
 func (x *HookDrops) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[8]
+	mi := &file_baton_v1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -779,7 +1283,7 @@ func (x *HookDrops) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HookDrops.ProtoReflect.Descriptor instead.
 func (*HookDrops) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *HookDrops) GetHook() string {
@@ -821,7 +1325,7 @@ type ListFlowsRequest struct {
 
 func (x *ListFlowsRequest) Reset() {
 	*x = ListFlowsRequest{}
-	mi := &file_baton_v1_admin_proto_msgTypes[9]
+	mi := &file_baton_v1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -833,7 +1337,7 @@ func (x *ListFlowsRequest) String() string {
 func (*ListFlowsRequest) ProtoMessage() {}
 
 func (x *ListFlowsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[9]
+	mi := &file_baton_v1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -846,7 +1350,7 @@ func (x *ListFlowsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFlowsRequest.ProtoReflect.Descriptor instead.
 func (*ListFlowsRequest) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{9}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ListFlowsRequest) GetOwner() string {
@@ -903,7 +1407,7 @@ type FlowEntry struct {
 
 func (x *FlowEntry) Reset() {
 	*x = FlowEntry{}
-	mi := &file_baton_v1_admin_proto_msgTypes[10]
+	mi := &file_baton_v1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -915,7 +1419,7 @@ func (x *FlowEntry) String() string {
 func (*FlowEntry) ProtoMessage() {}
 
 func (x *FlowEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[10]
+	mi := &file_baton_v1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -928,7 +1432,7 @@ func (x *FlowEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlowEntry.ProtoReflect.Descriptor instead.
 func (*FlowEntry) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{10}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *FlowEntry) GetState() *FlowState {
@@ -959,7 +1463,7 @@ type ListFlowsResponse struct {
 
 func (x *ListFlowsResponse) Reset() {
 	*x = ListFlowsResponse{}
-	mi := &file_baton_v1_admin_proto_msgTypes[11]
+	mi := &file_baton_v1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -971,7 +1475,7 @@ func (x *ListFlowsResponse) String() string {
 func (*ListFlowsResponse) ProtoMessage() {}
 
 func (x *ListFlowsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[11]
+	mi := &file_baton_v1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -984,7 +1488,7 @@ func (x *ListFlowsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFlowsResponse.ProtoReflect.Descriptor instead.
 func (*ListFlowsResponse) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{11}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListFlowsResponse) GetFlows() []*FlowEntry {
@@ -1026,7 +1530,7 @@ type GetFlowRequest struct {
 
 func (x *GetFlowRequest) Reset() {
 	*x = GetFlowRequest{}
-	mi := &file_baton_v1_admin_proto_msgTypes[12]
+	mi := &file_baton_v1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1038,7 +1542,7 @@ func (x *GetFlowRequest) String() string {
 func (*GetFlowRequest) ProtoMessage() {}
 
 func (x *GetFlowRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[12]
+	mi := &file_baton_v1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1051,7 +1555,7 @@ func (x *GetFlowRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFlowRequest.ProtoReflect.Descriptor instead.
 func (*GetFlowRequest) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{12}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetFlowRequest) GetKey() *FlowKey {
@@ -1080,7 +1584,7 @@ type FlowCopy struct {
 
 func (x *FlowCopy) Reset() {
 	*x = FlowCopy{}
-	mi := &file_baton_v1_admin_proto_msgTypes[13]
+	mi := &file_baton_v1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1092,7 +1596,7 @@ func (x *FlowCopy) String() string {
 func (*FlowCopy) ProtoMessage() {}
 
 func (x *FlowCopy) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[13]
+	mi := &file_baton_v1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1105,7 +1609,7 @@ func (x *FlowCopy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlowCopy.ProtoReflect.Descriptor instead.
 func (*FlowCopy) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{13}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *FlowCopy) GetNode() string {
@@ -1140,7 +1644,7 @@ type GetFlowResponse struct {
 
 func (x *GetFlowResponse) Reset() {
 	*x = GetFlowResponse{}
-	mi := &file_baton_v1_admin_proto_msgTypes[14]
+	mi := &file_baton_v1_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1152,7 +1656,7 @@ func (x *GetFlowResponse) String() string {
 func (*GetFlowResponse) ProtoMessage() {}
 
 func (x *GetFlowResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[14]
+	mi := &file_baton_v1_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1165,7 +1669,7 @@ func (x *GetFlowResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFlowResponse.ProtoReflect.Descriptor instead.
 func (*GetFlowResponse) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{14}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GetFlowResponse) GetFlow() *FlowEntry {
@@ -1197,7 +1701,7 @@ type ListPeersRequest struct {
 
 func (x *ListPeersRequest) Reset() {
 	*x = ListPeersRequest{}
-	mi := &file_baton_v1_admin_proto_msgTypes[15]
+	mi := &file_baton_v1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1209,7 +1713,7 @@ func (x *ListPeersRequest) String() string {
 func (*ListPeersRequest) ProtoMessage() {}
 
 func (x *ListPeersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[15]
+	mi := &file_baton_v1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1222,7 +1726,7 @@ func (x *ListPeersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPeersRequest.ProtoReflect.Descriptor instead.
 func (*ListPeersRequest) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{15}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 type PeerInfo struct {
@@ -1250,7 +1754,7 @@ type PeerInfo struct {
 
 func (x *PeerInfo) Reset() {
 	*x = PeerInfo{}
-	mi := &file_baton_v1_admin_proto_msgTypes[16]
+	mi := &file_baton_v1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1262,7 +1766,7 @@ func (x *PeerInfo) String() string {
 func (*PeerInfo) ProtoMessage() {}
 
 func (x *PeerInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[16]
+	mi := &file_baton_v1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1275,7 +1779,7 @@ func (x *PeerInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PeerInfo.ProtoReflect.Descriptor instead.
 func (*PeerInfo) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{16}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *PeerInfo) GetName() string {
@@ -1388,7 +1892,7 @@ type ListPeersResponse struct {
 
 func (x *ListPeersResponse) Reset() {
 	*x = ListPeersResponse{}
-	mi := &file_baton_v1_admin_proto_msgTypes[17]
+	mi := &file_baton_v1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1400,7 +1904,7 @@ func (x *ListPeersResponse) String() string {
 func (*ListPeersResponse) ProtoMessage() {}
 
 func (x *ListPeersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[17]
+	mi := &file_baton_v1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1413,7 +1917,7 @@ func (x *ListPeersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPeersResponse.ProtoReflect.Descriptor instead.
 func (*ListPeersResponse) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{17}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListPeersResponse) GetNode() string {
@@ -1445,7 +1949,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_baton_v1_admin_proto_msgTypes[18]
+	mi := &file_baton_v1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1457,7 +1961,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[18]
+	mi := &file_baton_v1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1470,7 +1974,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{18}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 type DrainResponse struct {
@@ -1482,7 +1986,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_baton_v1_admin_proto_msgTypes[19]
+	mi := &file_baton_v1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1494,7 +1998,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[19]
+	mi := &file_baton_v1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1507,7 +2011,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{19}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *DrainResponse) GetState() NodeState {
@@ -1525,7 +2029,7 @@ type UndrainRequest struct {
 
 func (x *UndrainRequest) Reset() {
 	*x = UndrainRequest{}
-	mi := &file_baton_v1_admin_proto_msgTypes[20]
+	mi := &file_baton_v1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1537,7 +2041,7 @@ func (x *UndrainRequest) String() string {
 func (*UndrainRequest) ProtoMessage() {}
 
 func (x *UndrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[20]
+	mi := &file_baton_v1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1550,7 +2054,7 @@ func (x *UndrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UndrainRequest.ProtoReflect.Descriptor instead.
 func (*UndrainRequest) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{20}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 type UndrainResponse struct {
@@ -1562,7 +2066,7 @@ type UndrainResponse struct {
 
 func (x *UndrainResponse) Reset() {
 	*x = UndrainResponse{}
-	mi := &file_baton_v1_admin_proto_msgTypes[21]
+	mi := &file_baton_v1_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1574,7 +2078,7 @@ func (x *UndrainResponse) String() string {
 func (*UndrainResponse) ProtoMessage() {}
 
 func (x *UndrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_admin_proto_msgTypes[21]
+	mi := &file_baton_v1_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1587,7 +2091,7 @@ func (x *UndrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UndrainResponse.ProtoReflect.Descriptor instead.
 func (*UndrainResponse) Descriptor() ([]byte, []int) {
-	return file_baton_v1_admin_proto_rawDescGZIP(), []int{21}
+	return file_baton_v1_admin_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *UndrainResponse) GetState() NodeState {
@@ -1602,7 +2106,7 @@ var File_baton_v1_admin_proto protoreflect.FileDescriptor
 const file_baton_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"\x14baton/v1/admin.proto\x12\bbaton.v1\x1a\x13baton/v1/flow.proto\"\x0f\n" +
-	"\rHealthRequest\"\xdd\x01\n" +
+	"\rHealthRequest\"\xf5\x03\n" +
 	"\x0eHealthResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12)\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x13.baton.v1.NodeStateR\x05state\x12\x1a\n" +
@@ -1610,7 +2114,55 @@ const file_baton_v1_admin_proto_rawDesc = "" +
 	"\aversion\x18\x04 \x01(\tR\aversion\x12*\n" +
 	"\x11started_unix_nano\x18\x05 \x01(\x03R\x0fstartedUnixNano\x12\x18\n" +
 	"\aanycast\x18\x06 \x03(\tR\aanycast\x12\x10\n" +
-	"\x03tun\x18\a \x01(\tR\x03tun\"\x0e\n" +
+	"\x03tun\x18\a \x01(\tR\x03tun\x12-\n" +
+	"\x06checks\x18\b \x03(\v2\x15.baton.v1.CheckStatusR\x06checks\x12\x1c\n" +
+	"\tannouncer\x18\t \x01(\tR\tannouncer\x12<\n" +
+	"\rannouncements\x18\n" +
+	" \x03(\v2\x16.baton.v1.AnnouncementR\rannouncements\x127\n" +
+	"\fbgp_sessions\x18\v \x03(\v2\x14.baton.v1.BGPSessionR\vbgpSessions\x12\x1f\n" +
+	"\vowned_flows\x18\f \x01(\rR\n" +
+	"ownedFlows\x121\n" +
+	"\x15state_since_unix_nano\x18\r \x01(\x03R\x12stateSinceUnixNano\"\xbb\x04\n" +
+	"\vCheckStatus\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x16\n" +
+	"\x06target\x18\x03 \x01(\tR\x06target\x12*\n" +
+	"\x05state\x18\x04 \x01(\x0e2\x14.baton.v1.CheckStateR\x05state\x12\x1a\n" +
+	"\bcritical\x18\x05 \x01(\bR\bcritical\x12&\n" +
+	"\x0fsince_unix_nano\x18\x06 \x01(\x03R\rsinceUnixNano\x12$\n" +
+	"\x0elast_unix_nano\x18\a \x01(\x03R\flastUnixNano\x12,\n" +
+	"\x12last_duration_nano\x18\b \x01(\x03R\x10lastDurationNano\x12\x17\n" +
+	"\alast_ok\x18\t \x01(\bR\x06lastOk\x12\x1f\n" +
+	"\vlast_result\x18\n" +
+	" \x01(\tR\n" +
+	"lastResult\x12\x15\n" +
+	"\x06ok_run\x18\v \x01(\rR\x05okRun\x12\x19\n" +
+	"\bfail_run\x18\f \x01(\rR\afailRun\x12\x12\n" +
+	"\x04rise\x18\r \x01(\rR\x04rise\x12\x12\n" +
+	"\x04fall\x18\x0e \x01(\rR\x04fall\x12#\n" +
+	"\rinterval_nano\x18\x0f \x01(\x03R\fintervalNano\x12!\n" +
+	"\ftimeout_nano\x18\x10 \x01(\x03R\vtimeoutNano\x12\x14\n" +
+	"\x05total\x18\x11 \x01(\x04R\x05total\x12\x1a\n" +
+	"\bfailures\x18\x12 \x01(\x04R\bfailures\x12\x1a\n" +
+	"\boverride\x18\x13 \x01(\tR\boverride\"\x87\x01\n" +
+	"\fAnnouncement\x12\x16\n" +
+	"\x06prefix\x18\x01 \x01(\tR\x06prefix\x12\x1c\n" +
+	"\tannounced\x18\x02 \x01(\bR\tannounced\x12\x19\n" +
+	"\bnext_hop\x18\x03 \x01(\tR\anextHop\x12&\n" +
+	"\x0fsince_unix_nano\x18\x04 \x01(\x03R\rsinceUnixNano\"\xd6\x02\n" +
+	"\n" +
+	"BGPSession\x12\x1a\n" +
+	"\bneighbor\x18\x01 \x01(\tR\bneighbor\x12\x19\n" +
+	"\bpeer_asn\x18\x02 \x01(\rR\apeerAsn\x12\x1b\n" +
+	"\tlocal_asn\x18\x03 \x01(\rR\blocalAsn\x12\x18\n" +
+	"\apassive\x18\x04 \x01(\bR\apassive\x12\x14\n" +
+	"\x05state\x18\x05 \x01(\tR\x05state\x122\n" +
+	"\x15established_unix_nano\x18\x06 \x01(\x03R\x13establishedUnixNano\x12+\n" +
+	"\x11routes_advertised\x18\a \x01(\x04R\x10routesAdvertised\x12'\n" +
+	"\x0froutes_received\x18\b \x01(\x04R\x0eroutesReceived\x12$\n" +
+	"\x0ehold_time_nano\x18\t \x01(\x03R\fholdTimeNano\x12\x14\n" +
+	"\x05flaps\x18\n" +
+	" \x01(\rR\x05flaps\"\x0e\n" +
 	"\fStatsRequest\"\xb6\x02\n" +
 	"\rStatsResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1f\n" +
@@ -1729,14 +2281,22 @@ const file_baton_v1_admin_proto_rawDesc = "" +
 	"\x05state\x18\x01 \x01(\x0e2\x13.baton.v1.NodeStateR\x05state\"\x10\n" +
 	"\x0eUndrainRequest\"<\n" +
 	"\x0fUndrainResponse\x12)\n" +
-	"\x05state\x18\x01 \x01(\x0e2\x13.baton.v1.NodeStateR\x05state*\xa1\x01\n" +
+	"\x05state\x18\x01 \x01(\x0e2\x13.baton.v1.NodeStateR\x05state*\xd3\x01\n" +
 	"\tNodeState\x12\x1a\n" +
 	"\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13NODE_STATE_STARTING\x10\x01\x12\x16\n" +
 	"\x12NODE_STATE_SERVING\x10\x02\x12\x17\n" +
 	"\x13NODE_STATE_STOPPING\x10\x03\x12\x15\n" +
 	"\x11NODE_STATE_FAILED\x10\x04\x12\x17\n" +
-	"\x13NODE_STATE_DRAINING\x10\x052\xc4\x03\n" +
+	"\x13NODE_STATE_DRAINING\x10\x05\x12\x18\n" +
+	"\x14NODE_STATE_UNHEALTHY\x10\x06\x12\x16\n" +
+	"\x12NODE_STATE_DRAINED\x10\a*i\n" +
+	"\n" +
+	"CheckState\x12\x1b\n" +
+	"\x17CHECK_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
+	"\x10CHECK_STATE_INIT\x10\x01\x12\x12\n" +
+	"\x0eCHECK_STATE_UP\x10\x02\x12\x14\n" +
+	"\x10CHECK_STATE_DOWN\x10\x032\xc4\x03\n" +
 	"\x05Admin\x12;\n" +
 	"\x06Health\x12\x17.baton.v1.HealthRequest\x1a\x18.baton.v1.HealthResponse\x128\n" +
 	"\x05Stats\x12\x16.baton.v1.StatsRequest\x1a\x17.baton.v1.StatsResponse\x12D\n" +
@@ -1758,72 +2318,80 @@ func file_baton_v1_admin_proto_rawDescGZIP() []byte {
 	return file_baton_v1_admin_proto_rawDescData
 }
 
-var file_baton_v1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_baton_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_baton_v1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_baton_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_baton_v1_admin_proto_goTypes = []any{
 	(NodeState)(0),            // 0: baton.v1.NodeState
-	(*HealthRequest)(nil),     // 1: baton.v1.HealthRequest
-	(*HealthResponse)(nil),    // 2: baton.v1.HealthResponse
-	(*StatsRequest)(nil),      // 3: baton.v1.StatsRequest
-	(*StatsResponse)(nil),     // 4: baton.v1.StatsResponse
-	(*DeviceStats)(nil),       // 5: baton.v1.DeviceStats
-	(*LinkStats)(nil),         // 6: baton.v1.LinkStats
-	(*ServiceStats)(nil),      // 7: baton.v1.ServiceStats
-	(*RefusedStats)(nil),      // 8: baton.v1.RefusedStats
-	(*HookDrops)(nil),         // 9: baton.v1.HookDrops
-	(*ListFlowsRequest)(nil),  // 10: baton.v1.ListFlowsRequest
-	(*FlowEntry)(nil),         // 11: baton.v1.FlowEntry
-	(*ListFlowsResponse)(nil), // 12: baton.v1.ListFlowsResponse
-	(*GetFlowRequest)(nil),    // 13: baton.v1.GetFlowRequest
-	(*FlowCopy)(nil),          // 14: baton.v1.FlowCopy
-	(*GetFlowResponse)(nil),   // 15: baton.v1.GetFlowResponse
-	(*ListPeersRequest)(nil),  // 16: baton.v1.ListPeersRequest
-	(*PeerInfo)(nil),          // 17: baton.v1.PeerInfo
-	(*ListPeersResponse)(nil), // 18: baton.v1.ListPeersResponse
-	(*DrainRequest)(nil),      // 19: baton.v1.DrainRequest
-	(*DrainResponse)(nil),     // 20: baton.v1.DrainResponse
-	(*UndrainRequest)(nil),    // 21: baton.v1.UndrainRequest
-	(*UndrainResponse)(nil),   // 22: baton.v1.UndrainResponse
-	(FlowPhase)(0),            // 23: baton.v1.FlowPhase
-	(*FlowState)(nil),         // 24: baton.v1.FlowState
-	(*FlowKey)(nil),           // 25: baton.v1.FlowKey
+	(CheckState)(0),           // 1: baton.v1.CheckState
+	(*HealthRequest)(nil),     // 2: baton.v1.HealthRequest
+	(*HealthResponse)(nil),    // 3: baton.v1.HealthResponse
+	(*CheckStatus)(nil),       // 4: baton.v1.CheckStatus
+	(*Announcement)(nil),      // 5: baton.v1.Announcement
+	(*BGPSession)(nil),        // 6: baton.v1.BGPSession
+	(*StatsRequest)(nil),      // 7: baton.v1.StatsRequest
+	(*StatsResponse)(nil),     // 8: baton.v1.StatsResponse
+	(*DeviceStats)(nil),       // 9: baton.v1.DeviceStats
+	(*LinkStats)(nil),         // 10: baton.v1.LinkStats
+	(*ServiceStats)(nil),      // 11: baton.v1.ServiceStats
+	(*RefusedStats)(nil),      // 12: baton.v1.RefusedStats
+	(*HookDrops)(nil),         // 13: baton.v1.HookDrops
+	(*ListFlowsRequest)(nil),  // 14: baton.v1.ListFlowsRequest
+	(*FlowEntry)(nil),         // 15: baton.v1.FlowEntry
+	(*ListFlowsResponse)(nil), // 16: baton.v1.ListFlowsResponse
+	(*GetFlowRequest)(nil),    // 17: baton.v1.GetFlowRequest
+	(*FlowCopy)(nil),          // 18: baton.v1.FlowCopy
+	(*GetFlowResponse)(nil),   // 19: baton.v1.GetFlowResponse
+	(*ListPeersRequest)(nil),  // 20: baton.v1.ListPeersRequest
+	(*PeerInfo)(nil),          // 21: baton.v1.PeerInfo
+	(*ListPeersResponse)(nil), // 22: baton.v1.ListPeersResponse
+	(*DrainRequest)(nil),      // 23: baton.v1.DrainRequest
+	(*DrainResponse)(nil),     // 24: baton.v1.DrainResponse
+	(*UndrainRequest)(nil),    // 25: baton.v1.UndrainRequest
+	(*UndrainResponse)(nil),   // 26: baton.v1.UndrainResponse
+	(FlowPhase)(0),            // 27: baton.v1.FlowPhase
+	(*FlowState)(nil),         // 28: baton.v1.FlowState
+	(*FlowKey)(nil),           // 29: baton.v1.FlowKey
 }
 var file_baton_v1_admin_proto_depIdxs = []int32{
 	0,  // 0: baton.v1.HealthResponse.state:type_name -> baton.v1.NodeState
-	5,  // 1: baton.v1.StatsResponse.device:type_name -> baton.v1.DeviceStats
-	6,  // 2: baton.v1.StatsResponse.link:type_name -> baton.v1.LinkStats
-	7,  // 3: baton.v1.StatsResponse.services:type_name -> baton.v1.ServiceStats
-	8,  // 4: baton.v1.StatsResponse.refused:type_name -> baton.v1.RefusedStats
-	9,  // 5: baton.v1.StatsResponse.hook_drops:type_name -> baton.v1.HookDrops
-	23, // 6: baton.v1.ListFlowsRequest.phase:type_name -> baton.v1.FlowPhase
-	24, // 7: baton.v1.FlowEntry.state:type_name -> baton.v1.FlowState
-	11, // 8: baton.v1.ListFlowsResponse.flows:type_name -> baton.v1.FlowEntry
-	25, // 9: baton.v1.GetFlowRequest.key:type_name -> baton.v1.FlowKey
-	24, // 10: baton.v1.FlowCopy.state:type_name -> baton.v1.FlowState
-	11, // 11: baton.v1.GetFlowResponse.flow:type_name -> baton.v1.FlowEntry
-	14, // 12: baton.v1.GetFlowResponse.copies:type_name -> baton.v1.FlowCopy
-	17, // 13: baton.v1.ListPeersResponse.peers:type_name -> baton.v1.PeerInfo
-	0,  // 14: baton.v1.DrainResponse.state:type_name -> baton.v1.NodeState
-	0,  // 15: baton.v1.UndrainResponse.state:type_name -> baton.v1.NodeState
-	1,  // 16: baton.v1.Admin.Health:input_type -> baton.v1.HealthRequest
-	3,  // 17: baton.v1.Admin.Stats:input_type -> baton.v1.StatsRequest
-	10, // 18: baton.v1.Admin.ListFlows:input_type -> baton.v1.ListFlowsRequest
-	13, // 19: baton.v1.Admin.GetFlow:input_type -> baton.v1.GetFlowRequest
-	16, // 20: baton.v1.Admin.ListPeers:input_type -> baton.v1.ListPeersRequest
-	19, // 21: baton.v1.Admin.Drain:input_type -> baton.v1.DrainRequest
-	21, // 22: baton.v1.Admin.Undrain:input_type -> baton.v1.UndrainRequest
-	2,  // 23: baton.v1.Admin.Health:output_type -> baton.v1.HealthResponse
-	4,  // 24: baton.v1.Admin.Stats:output_type -> baton.v1.StatsResponse
-	12, // 25: baton.v1.Admin.ListFlows:output_type -> baton.v1.ListFlowsResponse
-	15, // 26: baton.v1.Admin.GetFlow:output_type -> baton.v1.GetFlowResponse
-	18, // 27: baton.v1.Admin.ListPeers:output_type -> baton.v1.ListPeersResponse
-	20, // 28: baton.v1.Admin.Drain:output_type -> baton.v1.DrainResponse
-	22, // 29: baton.v1.Admin.Undrain:output_type -> baton.v1.UndrainResponse
-	23, // [23:30] is the sub-list for method output_type
-	16, // [16:23] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	4,  // 1: baton.v1.HealthResponse.checks:type_name -> baton.v1.CheckStatus
+	5,  // 2: baton.v1.HealthResponse.announcements:type_name -> baton.v1.Announcement
+	6,  // 3: baton.v1.HealthResponse.bgp_sessions:type_name -> baton.v1.BGPSession
+	1,  // 4: baton.v1.CheckStatus.state:type_name -> baton.v1.CheckState
+	9,  // 5: baton.v1.StatsResponse.device:type_name -> baton.v1.DeviceStats
+	10, // 6: baton.v1.StatsResponse.link:type_name -> baton.v1.LinkStats
+	11, // 7: baton.v1.StatsResponse.services:type_name -> baton.v1.ServiceStats
+	12, // 8: baton.v1.StatsResponse.refused:type_name -> baton.v1.RefusedStats
+	13, // 9: baton.v1.StatsResponse.hook_drops:type_name -> baton.v1.HookDrops
+	27, // 10: baton.v1.ListFlowsRequest.phase:type_name -> baton.v1.FlowPhase
+	28, // 11: baton.v1.FlowEntry.state:type_name -> baton.v1.FlowState
+	15, // 12: baton.v1.ListFlowsResponse.flows:type_name -> baton.v1.FlowEntry
+	29, // 13: baton.v1.GetFlowRequest.key:type_name -> baton.v1.FlowKey
+	28, // 14: baton.v1.FlowCopy.state:type_name -> baton.v1.FlowState
+	15, // 15: baton.v1.GetFlowResponse.flow:type_name -> baton.v1.FlowEntry
+	18, // 16: baton.v1.GetFlowResponse.copies:type_name -> baton.v1.FlowCopy
+	21, // 17: baton.v1.ListPeersResponse.peers:type_name -> baton.v1.PeerInfo
+	0,  // 18: baton.v1.DrainResponse.state:type_name -> baton.v1.NodeState
+	0,  // 19: baton.v1.UndrainResponse.state:type_name -> baton.v1.NodeState
+	2,  // 20: baton.v1.Admin.Health:input_type -> baton.v1.HealthRequest
+	7,  // 21: baton.v1.Admin.Stats:input_type -> baton.v1.StatsRequest
+	14, // 22: baton.v1.Admin.ListFlows:input_type -> baton.v1.ListFlowsRequest
+	17, // 23: baton.v1.Admin.GetFlow:input_type -> baton.v1.GetFlowRequest
+	20, // 24: baton.v1.Admin.ListPeers:input_type -> baton.v1.ListPeersRequest
+	23, // 25: baton.v1.Admin.Drain:input_type -> baton.v1.DrainRequest
+	25, // 26: baton.v1.Admin.Undrain:input_type -> baton.v1.UndrainRequest
+	3,  // 27: baton.v1.Admin.Health:output_type -> baton.v1.HealthResponse
+	8,  // 28: baton.v1.Admin.Stats:output_type -> baton.v1.StatsResponse
+	16, // 29: baton.v1.Admin.ListFlows:output_type -> baton.v1.ListFlowsResponse
+	19, // 30: baton.v1.Admin.GetFlow:output_type -> baton.v1.GetFlowResponse
+	22, // 31: baton.v1.Admin.ListPeers:output_type -> baton.v1.ListPeersResponse
+	24, // 32: baton.v1.Admin.Drain:output_type -> baton.v1.DrainResponse
+	26, // 33: baton.v1.Admin.Undrain:output_type -> baton.v1.UndrainResponse
+	27, // [27:34] is the sub-list for method output_type
+	20, // [20:27] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_baton_v1_admin_proto_init() }
@@ -1837,8 +2405,8 @@ func file_baton_v1_admin_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_baton_v1_admin_proto_rawDesc), len(file_baton_v1_admin_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   22,
+			NumEnums:      2,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -48,10 +48,11 @@ type AdminClient interface {
 	GetFlow(ctx context.Context, in *GetFlowRequest, opts ...grpc.CallOption) (*GetFlowResponse, error)
 	// ListPeers shows the replication links to the other nodes.
 	ListPeers(ctx context.Context, in *ListPeersRequest, opts ...grpc.CallOption) (*ListPeersResponse, error)
-	// Drain marks the node as draining: it reports NOT_SERVING on the
-	// standard health service, which route announcement acts on.
+	// Drain withdraws the node's announcement (it reports NOT_SERVING on
+	// the standard health service too); the node keeps serving the flows
+	// it owns and is DRAINED once it owns none.
 	Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error)
-	// Undrain returns a draining node to serving.
+	// Undrain ends a drain: the node announces again once its checks pass.
 	Undrain(ctx context.Context, in *UndrainRequest, opts ...grpc.CallOption) (*UndrainResponse, error)
 }
 
@@ -150,10 +151,11 @@ type AdminServer interface {
 	GetFlow(context.Context, *GetFlowRequest) (*GetFlowResponse, error)
 	// ListPeers shows the replication links to the other nodes.
 	ListPeers(context.Context, *ListPeersRequest) (*ListPeersResponse, error)
-	// Drain marks the node as draining: it reports NOT_SERVING on the
-	// standard health service, which route announcement acts on.
+	// Drain withdraws the node's announcement (it reports NOT_SERVING on
+	// the standard health service too); the node keeps serving the flows
+	// it owns and is DRAINED once it owns none.
 	Drain(context.Context, *DrainRequest) (*DrainResponse, error)
-	// Undrain returns a draining node to serving.
+	// Undrain ends a drain: the node announces again once its checks pass.
 	Undrain(context.Context, *UndrainRequest) (*UndrainResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }

@@ -1,0 +1,235 @@
+package e2e
+
+// Takeover end to end: real batond processes, the kernel's ECMP router
+// moving flows, and a real Linux TCP client that checks every byte (SHA-256
+// against services.PatternSHA256, and byte by byte as the bytes arrive) and
+// treats a connection reset as a failure.
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/netip"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/baton-anycast/baton/e2e/lab"
+	batonv1 "github.com/baton-anycast/baton/proto/baton/v1"
+	"github.com/baton-anycast/baton/stack/services"
+)
+
+const (
+	takeoverDownloads = 5
+	takeoverSize      = 200 << 20
+	streamPort        = 9000
+)
+
+// countingReader counts the bytes read through it.
+type countingReader struct {
+	r io.Reader
+	n atomic.Int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// download is one stream download from the client namespace.
+type download struct {
+	port int
+	seed uint64
+	cr   *countingReader
+	err  error
+	done chan struct{}
+}
+
+// startDownloads opens n stream downloads of size bytes from client ports
+// the router sends to node target, each checked as it arrives.
+func startDownloads(t *testing.T, ctx context.Context, l *lab.Lab, target, n, firstPort int, size uint64) []*download {
+	t.Helper()
+	dst := netip.AddrPortFrom(l.Anycast4, streamPort)
+	var ds []*download
+	for port := firstPort; len(ds) < n; port++ {
+		owner, err := l.PredictNode(netip.AddrPortFrom(l.ClientAddr4, uint16(port)), dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if owner != target {
+			continue
+		}
+		c, err := l.Client.Dial(ctx, "tcp4", dst.String(), port)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		d := &download{port: port, seed: uint64(port), cr: &countingReader{r: c}, done: make(chan struct{})}
+		if _, err := io.WriteString(c, services.StreamRequest(size, d.seed)); err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			defer close(d.done)
+			h := sha256.New()
+			got, ok, err := services.ReadStream(io.TeeReader(d.cr, h), size, d.seed)
+			switch {
+			case errors.Is(err, syscall.ECONNRESET):
+				d.err = fmt.Errorf("port %d: connection reset by the server after %d bytes", port, got)
+			case err != nil || !ok:
+				d.err = fmt.Errorf("port %d: after %d bytes: %v", port, got, err)
+			case [32]byte(h.Sum(nil)) != services.PatternSHA256(d.seed, 0, size):
+				d.err = fmt.Errorf("port %d: SHA-256 differs", port)
+			}
+		}()
+		ds = append(ds, d)
+	}
+	return ds
+}
+
+// waitProgress waits until every download received at least min bytes.
+func waitProgress(t *testing.T, ctx context.Context, ds []*download, min int64) {
+	t.Helper()
+	if err := waitFor(ctx, 2*time.Minute, func() error {
+		for _, d := range ds {
+			select {
+			case <-d.done:
+				if d.err != nil {
+					return nil // reported by finish
+				}
+			default:
+			}
+			if n := d.cr.n.Load(); n < min {
+				return fmt.Errorf("port %d at %d bytes", d.port, n)
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("downloads not progressing: %v", err)
+	}
+}
+
+// finish waits (bounded) for every download and fails on any error.
+func finish(t *testing.T, ds []*download) {
+	t.Helper()
+	deadline := time.After(5 * time.Minute)
+	for _, d := range ds {
+		select {
+		case <-d.done:
+		case <-deadline:
+			t.Fatalf("port %d: download did not finish (%d bytes)", d.port, d.cr.n.Load())
+		}
+		if d.err != nil {
+			t.Error(d.err)
+		}
+	}
+}
+
+// takeoverMetrics returns node i's baton_takeover_* metric lines (non-zero
+// counters and the latency histogram's count and sum).
+func takeoverMetrics(ctx context.Context, l *lab.Lab, i int) string {
+	c, err := l.Node(i).Dial(ctx, "tcp4", "127.0.0.1:9470", 0)
+	if err != nil {
+		return "metrics: " + err.Error()
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, "GET /metrics HTTP/1.0\r\n\r\n"); err != nil {
+		return "metrics: " + err.Error()
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return "metrics: " + err.Error()
+	}
+	defer resp.Body.Close()
+	var out []string
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, "baton_takeover_") || strings.HasSuffix(line, " 0") || strings.Contains(line, "_bucket") {
+			continue
+		}
+		out = append(out, strings.TrimPrefix(line, "baton_takeover_"))
+	}
+	return strings.Join(out, "\n")
+}
+
+// TestTakeoverDrainAndKill: five 200 MB downloads served by one node of a
+// 3-node cluster (2 replicas) continue exactly, without a reset, when (1)
+// the router stops sending to that node (a planned drain: the node is
+// alive, the others claim its flows) and (2) the node is killed with
+// SIGKILL and removed from the router (its flows' designated replicas
+// restore them at once, from replicated state).
+func TestTakeoverDrainAndKill(t *testing.T) {
+	ctx := testCtx(t)
+	l, err := lab.New(ctx, lab.Config{Nodes: 3, Prefix: "btk", Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, p := range l.Procs() {
+				t.Logf("--- log of %s ---\n%s", p, p.Log())
+			}
+		}
+		l.Close()
+	})
+	if err := l.EnableCluster(2); err != nil {
+		t.Fatal(err)
+	}
+	procs := make([]*lab.Proc, 3)
+	admins := make([]batonv1.AdminClient, 3)
+	for i := range 3 {
+		if procs[i], err = l.StartBatond(ctx, batond, i); err != nil {
+			t.Fatal(err)
+		}
+		admins[i] = adminClient(t, l, i)
+	}
+	if err := waitPeersUp(ctx, admins); err != nil {
+		t.Fatal(err)
+	}
+	logMetrics := func() {
+		for i := range 3 {
+			if !procs[i].Exited() {
+				t.Logf("%s takeover metrics:\n%s", lab.NodeName(i), takeoverMetrics(ctx, l, i))
+			}
+		}
+	}
+
+	t.Run("drain", func(t *testing.T) {
+		const target = 0
+		ds := startDownloads(t, ctx, l, target, takeoverDownloads, 20000, takeoverSize)
+		waitProgress(t, ctx, ds, takeoverSize/5)
+		if err := l.SetNexthops([]int{1, 2}); err != nil {
+			t.Fatal(err)
+		}
+		finish(t, ds)
+		logMetrics()
+	})
+	if t.Failed() {
+		return
+	}
+	if err := l.SetNexthops([]int{0, 1, 2}); err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("kill", func(t *testing.T) {
+		const target = 1
+		ds := startDownloads(t, ctx, l, target, takeoverDownloads, 21000, takeoverSize)
+		waitProgress(t, ctx, ds, takeoverSize/5)
+		if err := procs[target].Kill(); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.SetNexthops([]int{0, 2}); err != nil {
+			t.Fatal(err)
+		}
+		finish(t, ds)
+		logMetrics()
+	})
+}
