@@ -105,6 +105,10 @@ type TrackerConfig struct {
 	Now func() time.Time
 	// Logger receives the tracker's logs; nil means slog.Default().
 	Logger *slog.Logger
+	// IgnoreClient, if set, leaves out flows from these client addresses:
+	// the node's own health probes connect from its own address, and
+	// such a flow must be neither replicated nor taken over elsewhere.
+	IgnoreClient func(netip.Addr) bool
 }
 
 // ClosedStats count removed flows by reason. Every flow that entered the
@@ -148,6 +152,8 @@ type TrackerStats struct {
 	Malformed   uint64
 	BadChecksum uint64
 	Fragments   uint64
+	// Ignored counts packets of flows from IgnoreClient addresses.
+	Ignored uint64
 	// IgnoredSYN counts client SYNs with a new ISN for a 4-tuple whose flow
 	// is past the handshake.
 	IgnoredSYN         uint64
@@ -295,7 +301,7 @@ type Tracker struct {
 	closedFIN, closedRST, closedIdle atomic.Uint64
 	closedReplaced, closedMoved      atomic.Uint64
 	untracked, malformed             atomic.Uint64
-	badChecksum, fragments           atomic.Uint64
+	badChecksum, fragments, ignored  atomic.Uint64
 	ignoredSYN, restored             atomic.Uint64
 	ckptTooLarge, ckptUnknown        atomic.Uint64
 }
@@ -401,6 +407,10 @@ func (t *Tracker) observe(data []byte, inbound bool) {
 	}
 	if inbound && seg.flags&(header.TCPFlagSyn|header.TCPFlagFin|header.TCPFlagRst) != 0 && !tcpChecksumValid(&seg) {
 		t.badChecksum.Add(1)
+		return
+	}
+	if t.cfg.IgnoreClient != nil && t.cfg.IgnoreClient(seg.key.Client.Addr()) {
+		t.ignored.Add(1)
 		return
 	}
 	now := t.packetNow()

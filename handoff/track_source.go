@@ -308,6 +308,7 @@ func (t *Tracker) Stats() TrackerStats {
 		Malformed:   t.malformed.Load(),
 		BadChecksum: t.badChecksum.Load(),
 		Fragments:   t.fragments.Load(),
+		Ignored:     t.ignored.Load(),
 		IgnoredSYN:  t.ignoredSYN.Load(),
 		CheckpointRejected: CheckpointRejectStats{
 			TooLarge:    t.ckptTooLarge.Load(),

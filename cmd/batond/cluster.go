@@ -13,6 +13,9 @@ package main
 
 import (
 	"context"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -50,6 +53,9 @@ func (d *daemon) startHandoff() error {
 		IdleTimeout: cfg.Flows.IdleTimeout,
 		ServiceFor:  d.st.TCPServiceName,
 		Logger:      d.log,
+		// The health probes connect to the anycast address from this
+		// host's own addresses: those flows live and die here.
+		IgnoreClient: localAddrs(d.log),
 	})
 	d.st.SetCheckpointSink(d.tracker.CheckpointSink())
 	ctx, cancel := context.WithCancel(context.Background())
@@ -206,6 +212,23 @@ func (c *trackerCollector) Collect(ch chan<- prometheus.Metric) {
 	cnt(c.bad, s.BadChecksum, "bad_checksum")
 	cnt(c.bad, s.Fragments, "fragment")
 	cnt(c.bad, s.IgnoredSYN, "ignored_syn")
+	cnt(c.bad, s.Ignored, "local_client")
 	cnt(c.bad, s.CheckpointRejected.TooLarge, "checkpoint_too_large")
 	cnt(c.bad, s.CheckpointRejected.UnknownFlow, "checkpoint_unknown_flow")
+}
+
+// localAddrs returns a test for this network namespace's own addresses,
+// read once at start with netlink.
+func localAddrs(log interface{ Warn(string, ...any) }) func(netip.Addr) bool {
+	set := map[netip.Addr]bool{}
+	addrs, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		log.Warn("cannot list local addresses; health probe flows will be tracked", "err", err)
+	}
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok {
+			set[ip.Unmap()] = true
+		}
+	}
+	return func(a netip.Addr) bool { return set[a] }
 }
