@@ -646,3 +646,21 @@ func TestTSOption(t *testing.T) {
 		}
 	}
 }
+
+func TestTrackerIgnoresOwnClients(t *testing.T) {
+	var probe netip.Addr
+	tr, _ := newTrkTracker(TrackerConfig{IgnoreClient: func(a netip.Addr) bool { return a == probe }})
+	c := trkConn4(t, tr, 40010, 1, 2)
+	probe = c.client.Addr()
+	c.handshake(trkNoOpts, trkNoOpts)
+	c.serverData(100)
+	if tr.Len() != 0 || tr.Stats().Ignored == 0 {
+		t.Fatalf("flow from an ignored client tracked: len %d, stats %+v", tr.Len(), tr.Stats())
+	}
+	probe = netip.Addr{}
+	d := trkConn4(t, tr, 40011, 1, 2)
+	d.handshake(trkNoOpts, trkNoOpts)
+	if tr.Len() != 1 {
+		t.Fatalf("other client not tracked: len %d", tr.Len())
+	}
+}
