@@ -95,8 +95,8 @@ type MachineConfig struct {
 	// reports drained: the network takes time to stop sending new flows
 	// after the withdrawal. Default 1 s.
 	DrainSettle time.Duration
-	Clock  Clock
-	Logger *slog.Logger
+	Clock       Clock
+	Logger      *slog.Logger
 }
 
 // Machine is the node state machine. Its methods are safe for concurrent
