@@ -51,6 +51,7 @@ import (
 	gstack "gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 
+	batonv1 "github.com/baton-anycast/baton/proto/baton/v1"
 	"github.com/baton-anycast/baton/stack"
 	"github.com/baton-anycast/baton/stack/services"
 )
@@ -109,7 +110,7 @@ const (
 	unknownLinger    = 3 * time.Second        // esUnknown: delivered to the stack
 	forwardIdle      = 2 * time.Minute        // esForward without packets
 	activeGrace      = 5 * time.Second        // esActive before the endpoint check applies
-	janitorEvery     = 500 * time.Millisecond // table sweep
+	janitorEvery     = 100 * time.Millisecond // table sweep
 	rstEvery         = 50 * time.Millisecond  // rate limit of RSTs per reset flow
 	waitRestoreBound = 3 * time.Second        // a claim waiting for a restore in progress
 )
@@ -178,23 +179,28 @@ type flowEntry struct {
 	trigger   time.Time // when the takeover started (latency)
 	lastUsed  atomic.Int64
 
-	mu       sync.Mutex
-	queue    [][]byte
-	synSeq   uint32
-	synCh    chan synAck
-	run      *takeoverRun
-	fwd      *forwarder
-	owner    string // esMoved: the new owner; esForward: the owner
-	epoch    uint64
-	until    time.Time // tombstone expiry
-	reason   string    // esReset: why
-	lastRST  time.Time
-	lastAck  uint32 // the newest queued client ack (client space)
-	haveAck  bool
-	lastWnd  uint16
-	lastTS   uint32
-	haveTS   bool
-	prevHold entryState // state to return to when a hand-over is refused
+	mu      sync.Mutex
+	queue   [][]byte
+	synSeq  uint32
+	synCh   chan synAck
+	run     *takeoverRun
+	fwd     *forwarder
+	owner   string // esMoved: the new owner; esForward: the owner
+	epoch   uint64
+	until   time.Time // tombstone expiry
+	reason  string    // esReset: why
+	lastRST time.Time
+	// esReset without a client packet to answer: the state to probe the
+	// client with, how many probes went out, when the next one is due.
+	probe     *batonv1.FlowState
+	probes    uint
+	nextProbe time.Time
+	lastAck   uint32 // the newest queued client ack (client space)
+	haveAck   bool
+	lastWnd   uint16
+	lastTS    uint32
+	haveTS    bool
+	prevHold  entryState // state to return to when a hand-over is refused
 }
 
 func (f *flowEntry) get() entryState { return entryState(f.state.Load()) }
@@ -600,19 +606,24 @@ func (e *Engine) janitor() {
 		case <-t.C:
 		}
 		now := time.Now()
-		var expired []*flowEntry
+		var expired, reset []*flowEntry
 		for i := range e.shards {
 			sh := &e.shards[i]
 			sh.mu.RLock()
 			for _, f := range sh.m {
 				if e.expired(f, now) {
 					expired = append(expired, f)
+				} else if f.get() == esReset {
+					reset = append(reset, f)
 				}
 			}
 			sh.mu.RUnlock()
 		}
 		for _, f := range expired {
 			e.drop(f)
+		}
+		for _, f := range reset {
+			e.reprobe(f, now)
 		}
 	}
 }

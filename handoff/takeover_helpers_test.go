@@ -102,6 +102,7 @@ type tkLab struct {
 	t      *testing.T
 	nodes  []*tkNode
 	solo   *stack.Stack
+	closed bool
 	client *stacktest.Client
 	sw     *stacktest.Switch
 	route  atomic.Int32
@@ -252,6 +253,10 @@ func (l *tkLab) kill(i int) {
 }
 
 func (l *tkLab) close() {
+	if l.closed {
+		return
+	}
+	l.closed = true
 	l.sw.Close()
 	for i := range l.nodes {
 		l.kill(i)

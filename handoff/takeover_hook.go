@@ -179,7 +179,7 @@ func (h *innerHook) enqueue(f *flowEntry, p *stack.Packet, seg *tcpSegment) {
 	}
 	f.queue = append(f.queue, append([]byte(nil), p.Data...))
 	e.nQueued.Add(1)
-	if seg.flags&header.TCPFlagAck != 0 {
+	if seg.flags&header.TCPFlagAck != 0 && (!f.haveAck || tcpSeqAfter(seg.ack, f.lastAck)) {
 		f.lastAck, f.haveAck = seg.ack, true
 		f.lastWnd = seg.window
 	}
@@ -196,14 +196,26 @@ func (h *innerHook) enqueue(f *flowEntry, p *stack.Packet, seg *tcpSegment) {
 	}
 }
 
-// answerReset resets the client again for a flow this node reset: from
-// the packet's ack, so the reset is exactly in sequence. Rate-limited.
+// answerReset resets the client again for a flow this node reset, at the
+// newest ack the client sent (acks never go back, and a stale one would
+// place the reset below the client's window, where it is ignored).
+// Rate-limited. A reset from the client means it is gone: probing stops.
 func (h *innerHook) answerReset(f *flowEntry, seg *tcpSegment) {
-	if seg.flags&header.TCPFlagRst != 0 || seg.flags&header.TCPFlagAck == 0 {
+	if seg.flags&header.TCPFlagRst != 0 {
+		f.mu.Lock()
+		f.probe = nil
+		f.mu.Unlock()
+		return
+	}
+	if seg.flags&header.TCPFlagAck == 0 {
 		return
 	}
 	now := time.Now()
 	f.mu.Lock()
+	if !f.haveAck || tcpSeqAfter(seg.ack, f.lastAck) {
+		f.lastAck, f.haveAck = seg.ack, true
+	}
+	ack := f.lastAck
 	if now.Sub(f.lastRST) < rstEvery {
 		f.mu.Unlock()
 		return
@@ -211,7 +223,7 @@ func (h *innerHook) answerReset(f *flowEntry, seg *tcpSegment) {
 	f.lastRST = now
 	reason := f.reason
 	f.mu.Unlock()
-	h.e.sendRST(f.key, seg.ack, 0, true, reason)
+	h.e.sendRST(f.key, ack, 0, true, reason)
 }
 
 // Outbound implements stack.Hook.Outbound.

@@ -286,11 +286,12 @@ func (e *Engine) sendRST(k FlowKey, seq, ack uint32, ackOf bool, reason string) 
 // number (older ones are dropped silently, newer ones in the window get a
 // challenge ACK). With a client packet queued, its ack is that number.
 // Without one (a push: the client only receives), s places a RST at the
-// old owner's send position, which a caught-up client accepts, plus an
-// ACK probe below the client's last ack: any client answers such an old
-// segment with an ACK carrying its next expected sequence number, and that
-// ACK, wherever it lands, gets an exact reset (the tombstone here, or a
-// takeover elsewhere that learns the flow is reset).
+// old owner's send position, which a caught-up client accepts, plus a
+// probe (probeReset). The probe is repeated by the janitor (backing off)
+// until the client resets the probe, i.e. it is gone: like pitfall 1, a
+// receive-only client says nothing unless asked, its answer may land on a
+// node the router no longer (or not yet) sends it to, and the ack of a
+// queued packet may be stale by the time the reset arrives.
 func (e *Engine) resetFlow(ent *flowEntry, s *batonv1.FlowState, reason string) {
 	k := ent.key
 	ent.mu.Lock()
@@ -300,25 +301,60 @@ func (e *Engine) resetFlow(ent *flowEntry, s *batonv1.FlowState, reason string) 
 	ent.lastRST = time.Time{}
 	e.clearQueueLocked(ent)
 	lastAck, haveAck := ent.lastAck, ent.haveAck
+	if s != nil && s.Key != nil {
+		ent.probe = s
+		ent.probes = 1
+		ent.nextProbe = time.Now().Add(probeEvery)
+	}
 	ent.mu.Unlock()
 	e.tr.Remove(k)
 	if ep := e.findEndpoint(k); ep != nil {
 		ep.Abort()
 	}
-	switch {
-	case haveAck:
+	if haveAck {
 		e.sendRST(k, lastAck, 0, true, reason)
-	case s != nil && s.Key != nil:
-		sent := s.ServerIsn + 1 + uint32(s.ServerSentBytes)
-		rcv := s.ClientIsn + 1 + uint32(s.ServerAckedBytes)
-		e.sendRST(k, sent, rcv, false, reason)
-		probe := tcpPacket{src: k.Anycast, dst: k.Client, seq: s.ServerIsn + uint32(s.ClientAckedBytes), ack: rcv,
-			flags: header.TCPFlagAck, window: 0}
-		if s.Timestamps {
-			probe.opts = tsOption(s.ServerTsval+tsMargin, s.ClientTsval)
-		}
-		_ = e.inj.InjectOutbound(probe.build())
+		return
 	}
+	if s != nil && s.Key != nil {
+		sent := s.ServerIsn + 1 + uint32(s.ServerSentBytes)
+		e.sendRST(k, sent, s.ClientIsn+1+uint32(s.ServerAckedBytes), false, reason)
+		e.probeReset(k, s)
+	}
+}
+
+// probeEvery is the first interval between reset probes (doubling up to
+// 8 times, within resetLinger).
+const probeEvery = 250 * time.Millisecond
+
+// probeReset sends a probe to the client of a reset flow: one byte below
+// the client's last ack, like a keepalive. A client answers such an old
+// segment with an ACK carrying its next expected sequence number (gVisor
+// and Linux rate-limit answers to out-of-window segments, except for
+// segments with data), and that ACK, wherever it lands, gets an exact
+// reset (the tombstone here, or a takeover elsewhere that learns the flow
+// is reset).
+func (e *Engine) probeReset(k FlowKey, s *batonv1.FlowState) {
+	probe := tcpPacket{src: k.Anycast, dst: k.Client, seq: s.ServerIsn + uint32(s.ClientAckedBytes),
+		ack: s.ClientIsn + 1 + uint32(s.ServerAckedBytes), flags: header.TCPFlagAck, payload: []byte{0}}
+	if s.Timestamps {
+		probe.opts = tsOption(s.ServerTsval+tsMargin, s.ClientTsval)
+	}
+	_ = e.inj.InjectOutbound(probe.build())
+}
+
+// reprobe repeats the probe of a reset flow whose client did not answer
+// yet (janitor).
+func (e *Engine) reprobe(f *flowEntry, now time.Time) {
+	f.mu.Lock()
+	s := f.probe
+	if s == nil || f.get() != esReset || now.Before(f.nextProbe) || f.probes > 8 {
+		f.mu.Unlock()
+		return
+	}
+	f.nextProbe = now.Add(probeEvery << f.probes)
+	f.probes++
+	f.mu.Unlock()
+	e.probeReset(f.key, s)
 }
 
 // deliverUnknown hands ent's queued packets to the stack, which resets the

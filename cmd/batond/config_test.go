@@ -46,6 +46,11 @@ func TestConfigErrors(t *testing.T) {
 		{"yaml bad type", nil, "node: n1\nanycast: [192.0.2.1/32]\ntun: {mtu: big}\n", "cannot unmarshal"},
 		{"yaml bad port", nil, "node: n1\nanycast: [192.0.2.1/32]\nservices: [{name: http, port: -1}]\n", "services.http.port: -1 out of range"},
 		{"node spaces", []string{"-node", "n 1"}, "", `node: "n 1" must be at most 64 characters`},
+		{"takeover policy", []string{"-takeover-policy", "stream=teleport"}, "", `cluster.takeover.stream: takeover policy "teleport": want migrate, forward or default`},
+		{"takeover udp", []string{"-takeover-policy", "whoami=forward"}, "", "cluster.takeover.whoami: a udp service has no connections to take over"},
+		{"takeover unknown", []string{"-takeover-policy", "gopher=forward"}, "", `cluster.takeover.gopher: services: unknown service "gopher"`},
+		{"takeover not name=policy", []string{"-takeover-policy", "stream"}, "", `takeover-policy: "stream" is not name=policy`},
+		{"yaml takeover", nil, "node: n1\nanycast: [192.0.2.1/32]\ncluster: {takeover: {echo: sideways}}\n", "cluster.takeover.echo"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -338,6 +338,10 @@ func newLab(ctx context.Context, nodes int, ipv6 bool) (*lab.Lab, error) {
 	for _, n := range l.Nodes {
 		fmt.Printf(" %s", n.Name)
 	}
+	fmt.Printf("\n    routing: %s", l.Routing)
+	if l.Routing == "bgp" {
+		fmt.Printf(" (BIRD in %s peers with every node; nodes announce the anycast prefixes with GoBGP)", l.Router.Name)
+	}
 	fmt.Printf("\n    logs in %s\n", l.LogDir)
 	return l, nil
 }
@@ -390,7 +394,7 @@ func closeLab(l *lab.Lab, keepLogs bool) error {
 		fmt.Fprintf(os.Stderr, "batonlab: teardown of lab %s: %v\n    logs kept in %s\n", l.Name, err, l.LogDir)
 		return err
 	}
-	msg := fmt.Sprintf("lab %s torn down: %d batond process(es) ended, %d namespaces removed", l.Name, nprocs, len(l.Namespaces()))
+	msg := fmt.Sprintf("lab %s torn down: %d process(es) ended (batond and the router's bird), %d namespaces removed", l.Name, nprocs, len(l.Namespaces()))
 	if keepLogs {
 		msg += ", logs kept in " + l.LogDir
 	} else {
