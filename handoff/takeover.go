@@ -177,6 +177,7 @@ type flowEntry struct {
 	haveFloor atomic.Bool
 	firstByte atomic.Bool
 	trigger   time.Time // when the takeover started (latency)
+	how       string    // the last restore's kind (latency label)
 	lastUsed  atomic.Int64
 
 	mu      sync.Mutex

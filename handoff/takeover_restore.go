@@ -207,6 +207,7 @@ func (e *Engine) restore(ctx context.Context, ent *flowEntry, s *batonv1.FlowSta
 	ent.maxSent.Store(sa.iss + 1)
 	ent.haveFloor.Store(false)
 	ent.firstByte.Store(false)
+	ent.how = how
 	ent.tr.Store(tr)
 	ent.synCh = nil
 	q := e.takeQueueLocked(ent)
