@@ -219,7 +219,9 @@ func (r *Replication) Start() error {
 		grpc.KeepaliveEnforcementPolicy(serverKeepaliveEnforcement),
 		grpc.WaitForHandlers(true),
 	)
-	batonv1.RegisterPeerServer(r.srv, &peerServer{r: r})
+	ps := &peerServer{r: r}
+	batonv1.RegisterPeerServer(r.srv, ps)
+	registerDepart(r.srv, ps) // takeover_depart.go
 	r.lis = lis
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel = cancel

@@ -128,6 +128,9 @@ func (d *daemon) checkSpecs() ([]health.CheckSpec, error) {
 				return nil
 			}})
 	}
+	if j := d.joinCheck(); j != nil { // depart.go
+		specs = append(specs, *j)
+	}
 	// Defaults, then per-check settings.
 	h := cfg.Health
 	out := specs[:0]
@@ -274,6 +277,7 @@ func (d *daemon) drainForShutdown(sigs <-chan os.Signal) {
 		}
 	}()
 	start := time.Now()
+	d.depart(ctx, departSettle(timeout)) // depart.go: hand over the idle flows
 	if left, ok := h.machine.WaitNoFlows(ctx, 50*time.Millisecond); ok {
 		d.log.Info("drained: no flows left", "after", time.Since(start).Round(time.Millisecond))
 	} else {

@@ -197,7 +197,7 @@ func (c *Config) validateHealth() error {
 	if err := validateCheckTiming("health", h.Interval, to, h.Rise, h.Fall); err != nil {
 		return err
 	}
-	known := map[string]bool{checkTUN: true, checkPeers: true}
+	known := map[string]bool{checkTUN: true, checkPeers: true, checkJoin: true}
 	names := []string{}
 	for _, s := range c.Service {
 		known[s.Name] = true
