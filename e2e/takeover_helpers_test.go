@@ -1,0 +1,240 @@
+package e2e
+
+// Shared pieces of the takeover scenarios (takeover_*_test.go): a cluster of
+// batond processes on a lab, its takeover counters read from the metrics
+// endpoint, the client namespace's count of connections reset under it,
+// and a checked interactive echo session.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/baton-anycast/baton/e2e/lab"
+	batonv1 "github.com/baton-anycast/baton/proto/baton/v1"
+	"github.com/baton-anycast/baton/stack/services"
+)
+
+// takeoverCluster is a lab whose nodes run batond as one cluster.
+type takeoverCluster struct {
+	*lab.Lab
+	t      *testing.T
+	ctx    context.Context
+	procs  []*lab.Proc
+	admins []batonv1.AdminClient
+}
+
+// startCluster builds a lab of n nodes (namespace prefix prefix) peering
+// with replicas copies of each flow, runs batond with extra flags on every
+// node, and waits until every node sees every peer. Nodes left out by a
+// SetNexthops made before (active) are started but not waited for by the
+// router. Everything is torn down when the test ends.
+func startCluster(t *testing.T, ctx context.Context, n int, prefix string, replicas int, active []int, extra ...string) *takeoverCluster {
+	t.Helper()
+	l := buildLab(t, ctx, n, prefix)
+	if err := l.EnableCluster(replicas); err != nil {
+		t.Fatal(err)
+	}
+	if active != nil {
+		if err := l.SetNexthops(active); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c := &takeoverCluster{Lab: l, t: t, ctx: ctx, procs: make([]*lab.Proc, n), admins: make([]batonv1.AdminClient, n)}
+	for i := range n {
+		var err error
+		if c.procs[i], err = l.StartBatond(ctx, batond, i, extra...); err != nil {
+			t.Fatal(err)
+		}
+		c.admins[i] = adminClient(t, l, i)
+	}
+	if err := waitPeersUp(ctx, c.admins); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// live reports whether node i's batond still runs.
+func (c *takeoverCluster) live(i int) bool { return !c.procs[i].Exited() }
+
+// logMetrics logs every live node's takeover metrics.
+func (c *takeoverCluster) logMetrics() {
+	for i := range c.procs {
+		if c.live(i) {
+			c.t.Logf("%s takeover metrics:\n%s", lab.NodeName(i), takeoverMetrics(c.ctx, c.Lab, i))
+		}
+	}
+}
+
+// counter returns node i's baton_takeover_<name> sample whose labels
+// contain label (e.g. `kind="pull-migrate"`), 0 when absent or dead.
+func (c *takeoverCluster) counter(i int, name, label string) float64 {
+	if !c.live(i) {
+		return 0
+	}
+	return metricValue(takeoverMetrics(c.ctx, c.Lab, i), name, label)
+}
+
+// total sums counter over the live nodes.
+func (c *takeoverCluster) total(name, label string) float64 {
+	var sum float64
+	for i := range c.procs {
+		sum += c.counter(i, name, label)
+	}
+	return sum
+}
+
+// metricValue finds name{...label...} in takeoverMetrics output.
+func metricValue(metrics, name, label string) float64 {
+	for _, line := range strings.Split(metrics, "\n") {
+		if !strings.HasPrefix(line, name+"{") || !strings.Contains(line, label) {
+			continue
+		}
+		sp := strings.LastIndexByte(line, ' ')
+		if v, err := strconv.ParseFloat(line[sp+1:], 64); err == nil {
+			return v
+		}
+	}
+	return 0
+}
+
+// clientResets returns the client namespace's Tcp EstabResets counter:
+// connections that went from ESTABLISHED (or CLOSE-WAIT) straight to
+// CLOSED, which is what a RST received (or sent by an abortive close) does.
+// Take it before and after a scenario, before closing the connections.
+func clientResets(t *testing.T, l *lab.Lab) uint64 {
+	t.Helper()
+	var v uint64
+	err := l.Client.Do(func() error {
+		// thread-self: the namespace of this (locked) thread.
+		b, err := os.ReadFile("/proc/thread-self/net/snmp")
+		if err != nil {
+			return err
+		}
+		var names []string
+		sc := bufio.NewScanner(bytes.NewReader(b))
+		for sc.Scan() {
+			f := strings.Fields(sc.Text())
+			if len(f) == 0 || f[0] != "Tcp:" {
+				continue
+			}
+			if names == nil {
+				names = f
+				continue
+			}
+			for i, n := range names {
+				if n == "EstabResets" && i < len(f) {
+					v, err = strconv.ParseUint(f[i], 10, 64)
+					return err
+				}
+			}
+		}
+		return fmt.Errorf("no Tcp EstabResets in snmp")
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// portsTo returns n client ports, from first up, whose flows to the
+// anycast IPv4 address and dport the router sends to node target (-1: any
+// node).
+func portsTo(t *testing.T, l *lab.Lab, dport uint16, target, n, first int) []int {
+	t.Helper()
+	var ports []int
+	for port := first; len(ports) < n; port++ {
+		if port > 65535 {
+			t.Fatalf("fewer than %d ports from %d go to node %d", n, first, target)
+		}
+		if target >= 0 && predict(t, l, port, dport) != target {
+			continue
+		}
+		ports = append(ports, port)
+	}
+	return ports
+}
+
+// predict returns the node the router sends the flow from client port
+// port to the anycast IPv4 address's dport to.
+func predict(t *testing.T, l *lab.Lab, port int, dport uint16) int {
+	t.Helper()
+	owner, err := l.PredictNode(netip.AddrPortFrom(l.ClientAddr4, uint16(port)), netip.AddrPortFrom(l.Anycast4, dport))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return owner
+}
+
+// echoPort is the echo service's port.
+const echoPort = 7
+
+// echoSession is an interactive echo connection whose bytes are checked:
+// the client sends bytes of the pattern of seed and expects them back.
+type echoSession struct {
+	net.Conn
+	port       int
+	seed       uint64
+	sent, recv uint64
+}
+
+// dialEcho opens an echo session from client port port.
+func dialEcho(t *testing.T, ctx context.Context, l *lab.Lab, port int) *echoSession {
+	t.Helper()
+	c, err := l.Client.Dial(ctx, "tcp4", netip.AddrPortFrom(l.Anycast4, echoPort).String(), port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return &echoSession{Conn: c, port: port, seed: uint64(port) << 8}
+}
+
+// send writes the next n bytes of the session's pattern.
+func (s *echoSession) send(n int) error {
+	buf := make([]byte, n)
+	services.FillPattern(s.seed, s.sent, buf)
+	if _, err := s.Write(buf); err != nil {
+		return fmt.Errorf("echo port %d: writing at %d: %w", s.port, s.sent, err)
+	}
+	s.sent += uint64(n)
+	return nil
+}
+
+// expect reads n bytes and checks them against what was sent.
+func (s *echoSession) expect(n int) error {
+	got, want := make([]byte, n), make([]byte, n)
+	if _, err := io.ReadFull(s, got); err != nil {
+		return fmt.Errorf("echo port %d: reading at %d: %w", s.port, s.recv, err)
+	}
+	services.FillPattern(s.seed, s.recv, want)
+	if i := firstDiff(got, want); i >= 0 {
+		return fmt.Errorf("echo port %d: byte %d differs: got 0x%02x, want 0x%02x", s.port, s.recv+uint64(i), got[i], want[i])
+	}
+	s.recv += uint64(n)
+	return nil
+}
+
+// round sends n bytes and reads them back.
+func (s *echoSession) round(n int) error {
+	if err := s.send(n); err != nil {
+		return err
+	}
+	return s.expect(n)
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range a {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return -1
+}
