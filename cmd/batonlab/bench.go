@@ -75,13 +75,16 @@ type benchOpts struct {
 	// both.
 	only      string
 	replFlows int // flows of the replica visibility figure
-	outSet    bool
+	// takeoverFlows are the flows of each takeover scenario.
+	takeoverFlows int
+	outSet        bool
 }
 
 // The parts of the benchmark (-only).
 const (
 	onlyKernel      = "kernel"
 	onlyReplication = "replication"
+	onlyTakeover    = "takeover"
 )
 
 // writes reports whether the results (JSON and profiles) are written: not
@@ -100,8 +103,9 @@ func parseBenchArgs(args []string) (benchOpts, *flag.FlagSet, error) {
 	fs.BoolVar(&o.ipv6, "v6", true, "also measure single-flow throughput over IPv6")
 	fs.DurationVar(&o.profile, "profile", 5*time.Second, "length of each batond CPU profile (0 skips them)")
 	tun := fs.String("tun", "both", "TUN device(s) to measure batond with in the kernel comparison: water (default device), offload (batond -tun-offload) or both, side by side (the replication figures always use water)")
-	fs.StringVar(&o.only, "only", "", "measure one part: kernel (Baton vs the kernel, profiles) or replication (3-node cluster: conn/s with vs without replication, replica visibility); -out is then written only if given")
+	fs.StringVar(&o.only, "only", "", "measure one part: kernel (Baton vs the kernel, profiles), replication (3-node cluster: conn/s with vs without replication, replica visibility) or takeover (3-node cluster: drain, failing check, kill -9 of the node serving the flows: takeover latency, client stalls, withdrawal and migration times, throughput after vs before); -out is then written only if given")
 	fs.IntVar(&o.replFlows, "repl-flows", 300, "flows opened one at a time for the replica visibility figure")
+	fs.IntVar(&o.takeoverFlows, "takeover-flows", 24, "endless verified downloads on the failing node in each takeover scenario")
 	if err := parseFlags(fs, args); err != nil {
 		return o, fs, err
 	}
@@ -137,8 +141,10 @@ func parseBenchArgs(args []string) (benchOpts, *flag.FlagSet, error) {
 		return o, fs, fmt.Errorf("-out: %q should end in .json", o.out)
 	case o.batond == "":
 		return o, fs, errors.New("-batond: empty path")
-	case o.only != "" && o.only != onlyKernel && o.only != onlyReplication:
-		return o, fs, fmt.Errorf("-only: %q is not %s or %s", o.only, onlyKernel, onlyReplication)
+	case o.only != "" && o.only != onlyKernel && o.only != onlyReplication && o.only != onlyTakeover:
+		return o, fs, fmt.Errorf("-only: %q is not %s, %s or %s", o.only, onlyKernel, onlyReplication, onlyTakeover)
+	case o.takeoverFlows < 1 || o.takeoverFlows > 500:
+		return o, fs, fmt.Errorf("-takeover-flows: %d out of range 1..500", o.takeoverFlows)
 	case o.replFlows < 1 || o.replFlows > 10000:
 		return o, fs, fmt.Errorf("-repl-flows: %d out of range 1..10000", o.replFlows)
 	}
@@ -171,6 +177,8 @@ type Results struct {
 	Profile []ProfileResult `json:"profiles,omitempty"`
 	// Replication are the cluster figures (benchrepl.go).
 	Replication *ReplResults `json:"replication,omitempty"`
+	// Takeover are the takeover figures (bench_takeover.go).
+	Takeover *TakeoverResults `json:"takeover,omitempty"`
 	// Crashes lists every time batond died during the run (it is then
 	// restarted so the remaining figures can still be taken). Must be empty.
 	Crashes []string `json:"batond_crashes"`
@@ -293,13 +301,18 @@ func bench(ctx context.Context, o benchOpts) (err error) {
 	}
 	printMachine(res)
 
-	if o.only != onlyReplication {
+	if o.only == "" || o.only == onlyKernel {
 		if err := benchKernel(ctx, o, res); err != nil {
 			return err
 		}
 	}
-	if o.only != onlyKernel {
+	if o.only == "" || o.only == onlyReplication {
 		if err := benchReplication(ctx, o, res); err != nil {
+			return err
+		}
+	}
+	if o.only == "" || o.only == onlyTakeover {
+		if err := benchTakeover(ctx, o, res); err != nil {
 			return err
 		}
 	}

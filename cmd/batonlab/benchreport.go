@@ -106,8 +106,20 @@ func orDash(s string) string {
 	return s
 }
 
-// printResults prints the summary table.
+// printResults prints the summary table, then the takeover table.
 func printResults(r *Results) {
+	if r.Takeover != nil {
+		defer func() {
+			if r.Config.Only != onlyTakeover {
+				fmt.Println()
+			}
+			printTakeover(r.Takeover)
+		}()
+	}
+	if r.Config.Only == onlyTakeover {
+		fmt.Printf("machine: %s, %d cores, Linux %s, %s; batond crashes (must be 0): %d\n\n", r.Machine.CPU, r.Machine.Cores, r.Machine.Kernel, r.Machine.Go, len(r.Crashes))
+		return
+	}
 	t := resultsTable(r)
 	m := r.Machine
 	if r.Config.Only != onlyReplication {

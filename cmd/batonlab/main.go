@@ -7,7 +7,8 @@
 //	batonlab bench  Baton vs the Linux kernel on the same lab path:
 //	                single-flow throughput, new connections per second,
 //	                and a CPU profile of batond; then what replication
-//	                costs: conn/s with vs without it, replica visibility
+//	                costs: conn/s with vs without it, replica visibility;
+//	                then takeovers: drain, failing check, kill -9
 //	batonlab up     a live lab (a cluster) to poke at until Ctrl-C
 //	batonlab help   usage
 //
@@ -20,8 +21,12 @@
 // (batond's admin API, metrics and CPU time, from the host), cluster.go
 // (the cluster of demo and up, and the demo's replication check), demo.go,
 // bench.go and benchreport.go (Baton vs the kernel, the report),
-// benchrepl.go (the replication figures), up.go, format.go (pure
-// formatting and parsing helpers).
+// benchrepl.go (the replication figures), bench_takeover.go and
+// bench_takeover_report.go (the takeover figures), streamflow.go (a
+// verified endless download), flowrec.go (per-flow arrival recordings),
+// histo.go (Prometheus histogram quantiles), demo_failover.go (the demo's
+// failover: kill -9, timeline, plot), svg.go (the plot), up.go, format.go
+// (pure formatting and parsing helpers).
 package main
 
 import (
@@ -63,8 +68,8 @@ func init() {
 	commands = []command{
 		{"demo", "[-batond PATH] [-nodes 3] [-flows 12] [-size 250MB] [-v6] [-standalone]",
 			"downloads from the client over ECMP to N nodes (a cluster: 2 replicas per flow), verified, checked against the predicted node and the cluster view", runDemo},
-		{"bench", "[-batond PATH] [-out docs/bench/latest.json] [-duration 10s] [-mtu 1500] [-only kernel|replication]",
-			"Baton vs the kernel on the same path: single-flow Gb/s, new conn/s, batond CPU profile; replication: conn/s with vs without, replica visibility", runBench},
+		{"bench", "[-batond PATH] [-out docs/bench/latest.json] [-duration 10s] [-mtu 1500] [-only kernel|replication|takeover] [-takeover-flows 24]",
+			"Baton vs the kernel on the same path: single-flow Gb/s, new conn/s, batond CPU profile; replication: conn/s with vs without, replica visibility; takeover: drain, failing check and kill -9 of a serving node (latency, stalls, withdrawal, throughput after vs before)", runBench},
 		{"up", "[-batond PATH] [-nodes 3] [-standalone]",
 			"build a lab, start the nodes (a cluster), print how to use them, wait for Ctrl-C", runUp},
 		{"help", "[COMMAND]", "this text, or a command's flags", runHelp},
