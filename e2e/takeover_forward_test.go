@@ -1,0 +1,99 @@
+package e2e
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/baton-anycast/baton/e2e/lab"
+)
+
+// TestTakeoverForward (scenario e): with -takeover-policy echo=forward,
+// http=forward the services are not moved off a live owner: a node the
+// router sends their flows to tunnels the packets to the owner. An
+// interactive echo session and a keep-alive HTTP session, every byte
+// checked, run across rehashes that send both to other nodes, from one
+// to another, and back to the owner; nothing is reset and the new nodes count the
+// forwards (baton_takeover_total{kind="forward"}, packets forward_out on
+// them and forward_in on the owner).
+func TestTakeoverForward(t *testing.T) {
+	t.Parallel()
+	const (
+		target = 0
+		chunk  = 48 << 10
+		rounds = 40
+	)
+	ctx := testCtx(t)
+	c := startCluster(t, ctx, 3, "btke", 2, nil, "-takeover-policy", "echo=forward,http=forward")
+	l := c.Lab
+
+	resets := clientResets(t, l)
+	echo := dialEcho(t, ctx, l, portsTo(t, l, echoPort, target, 1, 24000)[0])
+	httpPort := portsTo(t, l, 80, target, 1, 24100)[0]
+	h, err := dialHTTP(ctx, l.Client, "tcp4", hostPort(l.Anycast4, 80), httpPort)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	get := 0
+	exchange := func(what string) {
+		t.Helper()
+		for range rounds {
+			if err := echo.round(chunk); err != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+		}
+		// A response larger than the socket buffers: the client's acks
+		// keep arriving on the new node while the owner sends.
+		for range 3 {
+			get++
+			n, seed := uint64(4<<20+get*1000), uint64(get)
+			status, body, err := h.get(fmt.Sprintf("/bytes?n=%d&seed=%d", n, seed))
+			if err == nil && status != 200 {
+				err = fmt.Errorf("status %d", status)
+			}
+			if err == nil {
+				err = verifyBytes(body, n, seed)
+			}
+			if err != nil {
+				t.Fatalf("%s: GET %d: %v", what, get, err)
+			}
+		}
+	}
+	exchange("before the rehash")
+
+	for _, nexthops := range [][]int{{1, 2}, {2}, {1}, {0, 1, 2}} {
+		if err := l.SetNexthops(nexthops); err != nil {
+			t.Fatal(err)
+		}
+		to := []int{predict(t, l, echo.port, echoPort), predict(t, l, httpPort, 80)}
+		t.Logf("nexthops %v: echo to %s, http to %s", nexthops, lab.NodeName(to[0]), lab.NodeName(to[1]))
+		exchange(fmt.Sprintf("after SetNexthops(%v)", nexthops))
+	}
+
+	// The echo client half-closes: everything sent comes back, then EOF.
+	if err := echo.send(chunk); err != nil {
+		t.Fatal(err)
+	}
+	if err := echo.Conn.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if err := echo.expect(chunk); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := echo.Read(make([]byte, 1)); n != 0 || err == nil {
+		t.Fatalf("echo after the half-close: %d bytes, %v (want EOF)", n, err)
+	}
+	noResets(t, l, resets)
+	c.logMetrics()
+
+	if n := c.total("total", `kind="forward"`); n < 2 {
+		t.Errorf("%v forward takeovers counted, want >= 2 (echo and http)", n)
+	}
+	if n := c.counter(target, "packets_total", `what="forward_in"`); n == 0 {
+		t.Error("the owner received no forwarded packet")
+	}
+	if n := c.total("total", `kind="pull-migrate"`); n != 0 {
+		t.Errorf("%v flows migrated under the forward policy", n)
+	}
+	t.Logf("echo: %d bytes each way; http: %d responses", echo.recv, get)
+}
