@@ -222,6 +222,21 @@ func (s *echoSession) expect(n int) error {
 	return nil
 }
 
+// readSome reads what arrives (at most len(buf) bytes) and checks it.
+func (s *echoSession) readSome(buf []byte) error {
+	n, err := s.Read(buf)
+	want := make([]byte, n)
+	services.FillPattern(s.seed, s.recv, want)
+	if i := firstDiff(buf[:n], want); i >= 0 {
+		return fmt.Errorf("echo port %d: byte %d differs: got 0x%02x, want 0x%02x", s.port, s.recv+uint64(i), buf[i], want[i])
+	}
+	s.recv += uint64(n)
+	if err != nil {
+		return fmt.Errorf("echo port %d: reading at %d: %w", s.port, s.recv, err)
+	}
+	return nil
+}
+
 // round sends n bytes and reads them back.
 func (s *echoSession) round(n int) error {
 	if err := s.send(n); err != nil {
