@@ -57,15 +57,23 @@ type Download struct {
 	node     atomic.Int32 // served-by node index + 1; 0 until /whoami answered
 	done     atomic.Bool  // Run has returned
 
+	// Rec, if set, records when the body bytes arrive (the failover
+	// demo's stalls and plot).
+	Rec *flowRecorder
+
 	// Results.
-	ServedBy  string    // the /whoami answer, "" if it never came
-	Start     time.Time // before the dial
-	Connected time.Time // after the TCP handshake
-	BodyStart time.Time // when the /bytes response header arrived
-	End       time.Time // when the body ended (or failed)
-	Verified  bool      // every byte matched, full length, digests equal
-	Digest    [32]byte  // SHA-256 of the bytes received
-	Err       error
+	ServedBy string // the /whoami answer, "" if it never came
+	// BodyOffset is how many bytes the server sent before the body (the
+	// /whoami response and the /bytes response header): the body's
+	// offset in the connection's output stream.
+	BodyOffset int64
+	Start      time.Time // before the dial
+	Connected  time.Time // after the TCP handshake
+	BodyStart  time.Time // when the /bytes response header arrived
+	End        time.Time // when the body ended (or failed)
+	Verified   bool      // every byte matched, full length, digests equal
+	Digest     [32]byte  // SHA-256 of the bytes received
+	Err        error
 }
 
 // Done reports whether Run has returned (the results are then valid).
@@ -123,7 +131,8 @@ func (d *Download) run(ctx context.Context, ns *lab.NS) error {
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
 	d.Connected = time.Now()
-	br := bufio.NewReaderSize(conn, 64<<10)
+	cr := &countingReader{r: conn}
+	br := bufio.NewReaderSize(cr, 64<<10)
 
 	// 1. Who serves this connection?
 	body, err := httpGet(conn, br, d.Server, "/whoami", 4<<10)
@@ -145,6 +154,7 @@ func (d *Download) run(ctx context.Context, ns *lab.NS) error {
 	// No resp.Body.Close: it would drain the rest of the body after a
 	// failure. Closing the connection is enough.
 	d.BodyStart = time.Now()
+	d.BodyOffset = cr.n - int64(br.Buffered())
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("GET %s: %s", path, resp.Status)
 	}
@@ -152,7 +162,7 @@ func (d *Download) run(ctx context.Context, ns *lab.NS) error {
 		return fmt.Errorf("GET %s: Content-Length %d, want %d", path, resp.ContentLength, d.Size)
 	}
 	h := sha256.New()
-	tee := io.TeeReader(resp.Body, &progressHash{h: h, n: &d.received})
+	tee := io.TeeReader(resp.Body, &progressHash{h: h, n: &d.received, rec: d.Rec})
 	_, ok, err := services.ReadStream(tee, d.Size, d.Seed)
 	d.End = time.Now()
 	if err != nil {
@@ -166,16 +176,33 @@ func (d *Download) run(ctx context.Context, ns *lab.NS) error {
 	return nil
 }
 
-// progressHash hashes what the download receives and counts it.
+// progressHash hashes what the download receives, counts it and records
+// its arrival (rec may be nil).
 type progressHash struct {
-	h hash.Hash
-	n *atomic.Int64
+	h   hash.Hash
+	n   *atomic.Int64
+	rec *flowRecorder
 }
 
 func (p *progressHash) Write(b []byte) (int, error) {
+	if p.rec != nil {
+		p.rec.add(time.Now(), len(b))
+	}
 	p.h.Write(b)
 	p.n.Add(int64(len(b)))
 	return len(b), nil
+}
+
+// countingReader counts the bytes read through it (one goroutine).
+type countingReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countingReader) Read(b []byte) (int, error) {
+	n, err := c.r.Read(b)
+	c.n += int64(n)
+	return n, err
 }
 
 // writeGet sends one HTTP/1.1 keep-alive GET request.

@@ -6,7 +6,8 @@ package main
 // hash predicts. The nodes run as a cluster (unless -standalone): every
 // flow's state is replicated to 2 other nodes, which the demo checks
 // through the nodes' admin APIs half-way through the downloads
-// (cluster.go).
+// (cluster.go); then, past -failover-at of the bytes, it kills the node
+// serving the most flows and shows them taken over (demo_failover.go).
 
 import (
 	"context"
@@ -15,6 +16,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -50,6 +52,11 @@ type demoOpts struct {
 	// standalone runs the nodes without the peer network (no
 	// replication).
 	standalone bool
+	// failover kills the busiest node at failoverAt of the bytes (a
+	// cluster only); outDir receives the plot and the timeline.
+	failover   bool
+	failoverAt float64
+	outDir     string
 }
 
 func parseDemoArgs(args []string) (demoOpts, *flag.FlagSet, error) {
@@ -62,6 +69,9 @@ func parseDemoArgs(args []string) (demoOpts, *flag.FlagSet, error) {
 	fs.Var(&size, "size", "bytes per download (e.g. 100MB, 1GiB)")
 	fs.BoolVar(&o.ipv6, "v6", false, "download over IPv6 (2001:db8:a::1) instead of IPv4 (192.0.2.1)")
 	fs.BoolVar(&o.standalone, "standalone", false, "run the nodes without the peer network (no replication; by default they form a cluster with 2 replicas per flow)")
+	fs.BoolVar(&o.failover, "failover", true, "kill -9 the node serving the most flows mid-transfer (cluster only), then print each flow's timeline and plot the throughput")
+	fs.Float64Var(&o.failoverAt, "failover-at", defaultFailoverAt, "fraction of all bytes received when the node is killed (after the half-way cluster view)")
+	fs.StringVar(&o.outDir, "out", "", "directory for the failover's throughput.svg and timeline.txt (default: $TMPDIR/batonlab-demo-<lab name>)")
 	h := fs
 	if err := parseFlags(fs, args); err != nil {
 		return o, h, err
@@ -76,6 +86,11 @@ func parseDemoArgs(args []string) (demoOpts, *flag.FlagSet, error) {
 		return o, h, fmt.Errorf("-size: %s exceeds the server's limit of 1TiB", formatSize(o.size))
 	case o.batond == "":
 		return o, h, errors.New("-batond: empty path")
+	case o.failoverAt < 0.5 || o.failoverAt >= 1:
+		return o, h, fmt.Errorf("-failover-at: %v out of range 0.5..1 (the cluster view is taken at half-way)", o.failoverAt)
+	}
+	if o.standalone || o.nodes < 2 {
+		o.failover = false
 	}
 	return o, h, nil
 }
@@ -149,13 +164,14 @@ func demo(ctx context.Context, o demoOpts) (ok bool, err error) {
 		time.Since(t0).Seconds(), ports[0], ports[len(ports)-1])
 
 	ds := make([]*Download, o.flows)
+	start := time.Now()
 	for i := range ds {
 		ds[i] = &Download{
 			ID: i + 1, Server: server, LocalPort: ports[i], Size: o.size,
 			Seed: uint64(ports[i]), Predicted: pred[i], Nodes: o.nodes,
+			Rec: newFlowRecorder(start),
 		}
 	}
-	start := time.Now()
 	done := make(chan struct{})
 	go func() {
 		runDownloads(ctx, l.Client, ds)
@@ -175,10 +191,30 @@ func demo(ctx context.Context, o demoOpts) (ok bool, err error) {
 			}()
 		}
 	}
-	showProgress(ds, o.nodes, done, onHalf)
+	// Past -failover-at, kill the busiest node (after the view).
+	var fo *failover
+	foDone := make(chan struct{})
+	foStarted := false
+	var onFail func(time.Duration)
+	if o.failover && k > 0 {
+		onFail = func(at time.Duration) {
+			foStarted = true
+			go func() {
+				defer close(foDone)
+				if viewStarted {
+					<-viewDone
+				}
+				fo = killBusiest(ctx, l, procs, admins, ds, clientAddr, time.Since(start))
+			}()
+		}
+	}
+	showProgress(ds, o.nodes, done, onHalf, o.failoverAt, onFail)
 	wall := time.Since(start)
 	if viewStarted {
 		<-viewDone
+	}
+	if foStarted {
+		<-foDone
 	}
 
 	fmt.Println()
@@ -198,7 +234,17 @@ func demo(ctx context.Context, o demoOpts) (ok bool, err error) {
 			fmt.Println("replication: the downloads ended before half-way was sampled (progress is sampled every second): no cluster view; use a larger -size")
 		}
 	}
+	if o.failover && k > 0 {
+		dir := o.outDir
+		if dir == "" {
+			dir = filepath.Join(os.TempDir(), "batonlab-demo-"+l.Name)
+		}
+		ok = failoverReport(fo, ds, start, o.nodes, dir) && ok
+	}
 	for i, p := range procs {
+		if fo != nil && i == fo.Node {
+			continue // killed on purpose
+		}
 		if p.Exited() {
 			fmt.Printf("FAILED: batond %s died during the demo: %s (log %s)\n", lab.NodeName(i), crashSummary(p), p.LogPath())
 			ok = false
@@ -212,7 +258,7 @@ func demo(ctx context.Context, o demoOpts) (ok bool, err error) {
 // rewritten in place. onHalf, if not nil, is called once, on the first
 // tick with at least half of the bytes received, with the time since the
 // start.
-func showProgress(ds []*Download, nodes int, done <-chan struct{}, onHalf func(time.Duration)) {
+func showProgress(ds []*Download, nodes int, done <-chan struct{}, onHalf func(time.Duration), failAt float64, onFail func(time.Duration)) {
 	tty := isTerminal(os.Stdout)
 	tl := newTimeline(ds)
 	var want uint64
@@ -239,6 +285,10 @@ func showProgress(ds []*Download, nodes int, done <-chan struct{}, onHalf func(t
 		if onHalf != nil && uint64(got) >= want/2 {
 			onHalf(s.At)
 			onHalf = nil
+		}
+		if onFail != nil && float64(got) >= failAt*float64(want) {
+			onFail(s.At)
+			onFail = nil
 		}
 		finished := 0
 		for _, d := range ds {

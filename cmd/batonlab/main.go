@@ -3,7 +3,9 @@
 //
 //	batonlab demo   anycast downloads spread over N batond nodes by ECMP,
 //	                every byte verified, each flow on the node predicted,
-//	                each flow's replicas checked (the nodes form a cluster)
+//	                each flow's replicas checked (the nodes form a cluster),
+//	                then the busiest node killed: its flows taken over,
+//	                a per-flow timeline and a throughput plot (SVG)
 //	batonlab bench  Baton vs the Linux kernel on the same lab path:
 //	                single-flow throughput, new connections per second,
 //	                and a CPU profile of batond; then what replication
@@ -66,8 +68,8 @@ var commands []command
 
 func init() {
 	commands = []command{
-		{"demo", "[-batond PATH] [-nodes 3] [-flows 12] [-size 250MB] [-v6] [-standalone]",
-			"downloads from the client over ECMP to N nodes (a cluster: 2 replicas per flow), verified, checked against the predicted node and the cluster view", runDemo},
+		{"demo", "[-batond PATH] [-nodes 3] [-flows 12] [-size 250MB] [-v6] [-standalone] [-failover=true] [-failover-at 0.6] [-out DIR]",
+			"downloads from the client over ECMP to N nodes (a cluster: 2 replicas per flow), verified, checked against the predicted node and the cluster view; then the busiest node is killed (kill -9) mid-transfer, its flows are taken over and finish intact: per-flow timeline and a throughput plot (SVG)", runDemo},
 		{"bench", "[-batond PATH] [-out docs/bench/latest.json] [-duration 10s] [-mtu 1500] [-only kernel|replication|takeover] [-takeover-flows 24]",
 			"Baton vs the kernel on the same path: single-flow Gb/s, new conn/s, batond CPU profile; replication: conn/s with vs without, replica visibility; takeover: drain, failing check and kill -9 of a serving node (latency, stalls, withdrawal, throughput after vs before)", runBench},
 		{"up", "[-batond PATH] [-nodes 3] [-standalone]",

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	batonv1 "github.com/baton-anycast/baton/proto/baton/v1"
 )
 
 func TestFlowRecorderGapsAndRates(t *testing.T) {
@@ -220,5 +222,66 @@ func TestNiceStep(t *testing.T) {
 		if got := niceStep(c.span, c.n); math.Abs(got-c.want) > 1e-12 {
 			t.Errorf("niceStep(%v, %d) = %v, want %v", c.span, c.n, got, c.want)
 		}
+	}
+}
+
+func TestFlowSegmentsAndThroughput(t *testing.T) {
+	origin := time.Unix(2000, 0)
+	hist := []*batonv1.OwnershipChange{
+		{Node: "n1", How: "open", UnixNano: origin.UnixNano()},
+		{Node: "n2", How: "push", UnixNano: origin.Add(3 * time.Second).UnixNano(), AtOffset: 1200},
+		{Node: "n3", How: "pull-migrate", UnixNano: origin.Add(3100 * time.Millisecond).UnixNano(), AtOffset: 1150},
+	}
+	// 200 bytes before the body: push at body offset 1000; the pull's
+	// offset below it is clamped (ranges never go back).
+	segs := flowSegments(hist, "n1", 200, 5000, origin)
+	want := []segment{
+		{Node: "n1", How: "open", From: 0, To: 1000},
+		{Node: "n2", How: "push", From: 1000, To: 1000, Since: 3 * time.Second},
+		{Node: "n3", How: "pull-migrate", From: 1000, To: 5000, Since: 3100 * time.Millisecond},
+	}
+	if len(segs) != len(want) {
+		t.Fatalf("segments %+v", segs)
+	}
+	for i := range want {
+		if segs[i] != want[i] {
+			t.Fatalf("segment %d: %+v, want %+v", i, segs[i], want[i])
+		}
+	}
+	if nodeAt(segs, time.Second) != "n1" || nodeAt(segs, 3050*time.Millisecond) != "n2" || nodeAt(segs, time.Hour) != "n3" {
+		t.Fatal("nodeAt")
+	}
+	// No history: one segment, the whoami node.
+	if s := flowSegments(nil, "n2", 100, 700, origin); len(s) != 1 || s[0] != (segment{Node: "n2", How: "open", To: 700}) {
+		t.Fatalf("no history: %+v", s)
+	}
+
+	// Throughput: 1 MB per 50 ms bin for 1 s on one flow, served by n1
+	// for the first half and n2 after.
+	r := newFlowRecorder(origin)
+	for d := time.Duration(0); d < time.Second; d += recBin {
+		r.add(origin.Add(d), 1e6)
+	}
+	rec := r.snapshot()
+	series := throughputSeries([]recording{rec}, []string{"n1", "n2"}, func(_ int, t time.Duration) string {
+		if t < 500*time.Millisecond {
+			return "n1"
+		}
+		return "n2"
+	})
+	if len(series) != 3 || len(series[0].Values) != 4 {
+		t.Fatalf("series %+v", series)
+	}
+	for k, v := range series[0].Values {
+		if math.Abs(v-20) > 1e-9 {
+			t.Fatalf("total step %d: %v MB/s, want 20", k, v)
+		}
+	}
+	if series[1].Values[0] != 20 || series[1].Values[3] != 0 || series[2].Values[3] != 20 {
+		t.Fatalf("per node %v %v", series[1].Values, series[2].Values)
+	}
+	line := timelineLine(1, 20001, want, rec, 500*time.Millisecond)
+	if !strings.Contains(line, "n2 0.0MB..0.0MB (push at 3.00s)") || !strings.Contains(line, "stall at the failover") {
+		t.Fatalf("timeline line %q", line)
 	}
 }
