@@ -84,6 +84,5 @@ func (d *daemon) depart(ctx context.Context, settle time.Duration) {
 		return
 	}
 	d.log.Info("departure handover: handing the flows still owned to their successors", "flows", d.tracker.Len())
-	r := d.repl.Engine().Depart(ctx)
-	d.log.Info("departure handover done", "flows", r.Flows, "handed", r.Handed, "left", r.Left)
+	d.repl.Engine().Depart(ctx) // it logs what it did
 }
