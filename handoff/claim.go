@@ -159,6 +159,9 @@ func (e *Engine) handOver(k FlowKey, claimer string, epoch uint64) *batonv1.Clai
 		unhold()
 		return refuse(claimNotOwner)
 	}
+	if sy := e.r.repl.sync.Load(); sy != nil {
+		sy.attachOutput(k, st) // sync mode: the output the client lacks (sync.go)
+	}
 	if err := e.canResume(k, resumeOf(st, true, nil)); err != nil {
 		unhold()
 		e.log.Info("takeover: claim refused: the service cannot hand the stream over", "flow", k.String(), "claimer", claimer, "err", err)

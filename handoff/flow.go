@@ -154,6 +154,9 @@ const (
 	MaxMSS             = 65535 - 40
 )
 
+// MaxUnackedOutputBytes bounds FlowState.unacked_output (sync mode).
+const MaxUnackedOutputBytes = maxSendBatchBytes / 2
+
 // ValidateState checks a flow state received from a peer: the key must be
 // inside one of the anycast prefixes, and every field must be sane.
 func ValidateState(s *batonv1.FlowState, prefixes []netip.Prefix) (FlowKey, error) {
@@ -185,6 +188,9 @@ func ValidateState(s *batonv1.FlowState, prefixes []netip.Prefix) (FlowKey, erro
 	}
 	if len(s.Checkpoint) > MaxCheckpointBytes {
 		return FlowKey{}, reject(RejectTooLarge, "checkpoint of %d bytes (max %d)", len(s.Checkpoint), MaxCheckpointBytes)
+	}
+	if len(s.UnackedOutput) > MaxUnackedOutputBytes {
+		return FlowKey{}, reject(RejectTooLarge, "unacknowledged output of %d bytes (max %d)", len(s.UnackedOutput), MaxUnackedOutputBytes)
 	}
 	if s.Phase < batonv1.FlowPhase_FLOW_PHASE_HANDSHAKE || s.Phase > batonv1.FlowPhase_FLOW_PHASE_CLOSED {
 		return FlowKey{}, reject(RejectBadPhase, "phase %d", s.Phase)

@@ -67,8 +67,11 @@ type qentry struct {
 }
 
 // estSize bounds an event's encoded size: every field but the checkpoint
+// and the unacknowledged output (sync mode)
 // is small and bounded.
-func estSize(st *batonv1.FlowState) int { return 384 + len(st.Checkpoint) }
+func estSize(st *batonv1.FlowState) int {
+	return 384 + len(st.Checkpoint) + len(st.UnackedOutput)
+}
 
 // peerQueue is the bounded queue of events for one peer. It is open only
 // while a session streams to the peer (pushes to a closed queue are
@@ -311,6 +314,7 @@ type inflightBatch struct {
 	sent  int64
 	bytes int
 	taken []int64
+	sync  []*batonv1.FlowState // sync-mode flows' states (sync.go)
 }
 
 // session is one Replicate stream.
@@ -347,12 +351,17 @@ func (ss *session) sendBatch(entries []qentry, begin, end bool) error {
 	l := ss.l
 	events := make([]*batonv1.FlowEvent, len(entries))
 	var taken []int64
+	var syncStates []*batonv1.FlowState
+	sy := l.r.repl.sync.Load()
 	size := 64
 	for i, e := range entries {
 		events[i] = &batonv1.FlowEvent{Kind: e.kind, State: e.state}
 		size += estSize(e.state)
 		if e.taken > 0 {
 			taken = append(taken, e.taken)
+		}
+		if sy != nil && sy.wants(e.state) {
+			syncStates = append(syncStates, e.state)
 		}
 	}
 	for {
@@ -378,7 +387,7 @@ func (ss *session) sendBatch(entries []qentry, begin, end bool) error {
 		SentUnixNano: time.Now().UnixNano(),
 	}
 	ss.mu.Lock()
-	ss.inflight = append(ss.inflight, inflightBatch{seq: ss.seq, sent: mono(), bytes: size, taken: taken})
+	ss.inflight = append(ss.inflight, inflightBatch{seq: ss.seq, sent: mono(), bytes: size, taken: taken, sync: syncStates})
 	ss.inflightBytes += size
 	ss.mu.Unlock()
 	if err := ss.stream.Send(b); err != nil {
@@ -432,6 +441,11 @@ func (ss *session) resync(gen uint64) error {
 		st, ok := l.r.src.Lookup(k)
 		if !ok || st.Owner != self {
 			continue // closed or moved since: its change is queued
+		}
+		if sy := l.r.repl.sync.Load(); sy != nil {
+			if st = sy.forResync(k, st); st == nil {
+				continue // nothing resumable yet: its next change opens it
+			}
 		}
 		if estSize(st) > maxSendBatchBytes {
 			l.droppedLarge.Add(1)
@@ -544,6 +558,11 @@ func (ss *session) readAcks() {
 		default:
 		}
 		l.r.members.seen(l.peer.Name, wall)
+		if len(f.sync) > 0 && ack.Rejected == 0 {
+			if sy := l.r.repl.sync.Load(); sy != nil {
+				sy.acked(l.idx, f.sync) // releases held packets
+			}
+		}
 		if len(f.taken) > 0 {
 			lags = lags[:0]
 			var worst time.Duration

@@ -46,6 +46,8 @@ type replicator struct {
 
 	view      atomic.Pointer[placementView]
 	resyncReq chan resyncRequest
+	// sync is the sync replication mode (sync.go), nil when off.
+	sync atomic.Pointer[Sync]
 
 	// Owned by the run goroutine.
 	placed    map[FlowKey]placedFlow
@@ -195,6 +197,9 @@ func (rp *replicator) route(c *Change, mask peerSet, now int64) {
 		rp.place(k, pf.set, 0, 0, false)
 		return
 	}
+	if sy := rp.sync.Load(); sy != nil && !sy.prepare(k, st) {
+		return // sync mode: a state the service cannot resume from is not sent
+	}
 	kind := c.Kind
 	if kind < batonv1.FlowEvent_KIND_OPEN || kind > batonv1.FlowEvent_KIND_CHECKPOINT {
 		kind = batonv1.FlowEvent_KIND_UPDATE
@@ -241,6 +246,11 @@ func (rp *replicator) recompute(mask peerSet) {
 				continue
 			}
 			epoch = st.Epoch
+			if sy := rp.sync.Load(); sy != nil {
+				if st = sy.forResync(k, st); st == nil {
+					added = 0 // nothing resumable yet: its next change opens it
+				}
+			}
 			for s := added; s != 0; s &= s - 1 {
 				rp.add(bits.TrailingZeros64(uint64(s)), batonv1.FlowEvent_KIND_OPEN, st, now)
 			}

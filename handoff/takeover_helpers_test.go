@@ -78,6 +78,7 @@ type tkNode struct {
 	tr     *Tracker
 	r      *Replication
 	e      *Engine
+	sy     *Sync // sync mode, or nil
 	stop   context.CancelFunc
 	killed bool
 }
@@ -96,6 +97,10 @@ type tkConfig struct {
 	// takeover): its flows are unknown to every other node. Its switch
 	// index is nodes.
 	solo bool
+	// syncMode runs the service in sync replication mode (sync.go);
+	// coalesce sets the replicator's coalesce window (0: default).
+	syncMode bool
+	coalesce time.Duration
 }
 
 type tkLab struct {
@@ -201,7 +206,7 @@ func (l *tkLab) startNode(name string, peers []Peer, lis net.Listener, pki strin
 	}
 	r, err := NewReplication(ReplicationConfig{
 		Self: name, Peers: peers, Listen: lis.Addr().String(), Replicas: cfg.replicas,
-		Prefixes: st.Prefixes(), TLS: tm, Logger: log, listener: lis,
+		Prefixes: st.Prefixes(), TLS: tm, Logger: log, listener: lis, CoalesceWindow: cfg.coalesce,
 	}, tr)
 	if err != nil {
 		t.Fatal(err)
@@ -221,8 +226,16 @@ func (l *tkLab) startNode(name string, peers []Peer, lis net.Listener, pki strin
 	tap := &tkTap{rng: rand.New(rand.NewPCG(uint64(len(name)), 7))}
 	ep := st.Endpoint()
 	ep.AddHook(tap)
+	var sy *Sync
+	if cfg.syncMode {
+		sy = tkEnableSync(r, e, st, tap)
+		ep.AddHook(sy.HoldHook())
+	}
 	ep.AddHook(e.FenceHook())
 	ep.AddHook(tr)
+	if sy != nil {
+		ep.AddHook(sy.LogHook())
+	}
 	ep.AddHook(e.Hook())
 	if !cfg.noCheckpoint[name] {
 		st.SetCheckpointSink(tr.CheckpointSink())
@@ -234,7 +247,7 @@ func (l *tkLab) startNode(name string, peers []Peer, lis net.Listener, pki strin
 	e.Start()
 	ctx, cancel := context.WithCancel(context.Background())
 	go tr.Run(ctx)
-	return &tkNode{name: name, dev: dev, st: st, tap: tap, tr: tr, r: r, e: e, stop: cancel}
+	return &tkNode{name: name, dev: dev, st: st, tap: tap, tr: tr, r: r, e: e, sy: sy, stop: cancel}
 }
 
 // kill simulates kill -9 of node i: nothing it would still send gets out,
@@ -246,6 +259,9 @@ func (l *tkLab) kill(i int) {
 	}
 	n.killed = true
 	n.tap.dead.Store(true)
+	if n.sy != nil {
+		n.sy.Close()
+	}
 	n.e.Close()
 	n.r.Close()
 	n.stop()

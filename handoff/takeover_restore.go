@@ -50,8 +50,14 @@ func failReason(err error) string {
 
 // resumeOf is the services.Resume a state gives: the client has the output
 // up to its last ack (OutputOffset), and the previous node acknowledged
-// the input up to its last ack (InputOffset).
+// the input up to its last ack (InputOffset). The state of a sync-mode
+// flow carries the output the client had not acknowledged (sync.go): it is
+// the Pending output, after a crash as after a hand-over.
 func resumeOf(s *batonv1.FlowState, live bool, pending []byte) services.Resume {
+	if pending == nil && len(s.UnackedOutput) > 0 && s.ServerSentBytes >= s.ClientAckedBytes &&
+		uint64(len(s.UnackedOutput)) == s.ServerSentBytes-s.ClientAckedBytes {
+		pending = s.UnackedOutput
+	}
 	return services.Resume{
 		OutputOffset:     s.ClientAckedBytes,
 		InputOffset:      s.ServerAckedBytes,
@@ -201,6 +207,9 @@ func (e *Engine) restore(ctx context.Context, ent *flowEntry, s *batonv1.FlowSta
 	if err := e.tr.Restore(s, how, r.OutputOffset); err != nil {
 		cleanup()
 		return fail(reasonNoState, "tracker: %v", err)
+	}
+	if sy := e.r.repl.sync.Load(); sy != nil {
+		sy.seedLog(k, s, r.OutputOffset, r.Pending) // sync mode (sync.go)
 	}
 
 	ent.mu.Lock()

@@ -329,7 +329,12 @@ type FlowState struct {
 	CheckpointOffset uint64 `protobuf:"varint,28,opt,name=checkpoint_offset,json=checkpointOffset,proto3" json:"checkpoint_offset,omitempty"`
 	// Ownership history (newest last), for operators: which node owned the
 	// flow from which epoch, and how it got it.
-	History       []*OwnershipChange `protobuf:"bytes,29,rep,name=history,proto3" json:"history,omitempty"`
+	History []*OwnershipChange `protobuf:"bytes,29,rep,name=history,proto3" json:"history,omitempty"`
+	// Sync replication mode only (output commit): the server's output bytes
+	// from client_acked_bytes to server_sent_bytes (sent, not yet
+	// acknowledged by the client), for a service that cannot produce them
+	// again after a crash (echo). Empty otherwise.
+	UnackedOutput []byte `protobuf:"bytes,30,opt,name=unacked_output,json=unackedOutput,proto3" json:"unacked_output,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -567,6 +572,13 @@ func (x *FlowState) GetHistory() []*OwnershipChange {
 	return nil
 }
 
+func (x *FlowState) GetUnackedOutput() []byte {
+	if x != nil {
+		return x.UnackedOutput
+	}
+	return nil
+}
+
 // OwnershipChange is one step of a flow's ownership history.
 type OwnershipChange struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -720,7 +732,7 @@ const file_baton_v1_flow_proto_rawDesc = "" +
 	"\x0esack_permitted\x18\x03 \x01(\bR\rsackPermitted\x12\x1e\n" +
 	"\n" +
 	"timestamps\x18\x04 \x01(\bR\n" +
-	"timestamps\"\xb8\b\n" +
+	"timestamps\"\xdf\b\n" +
 	"\tFlowState\x12#\n" +
 	"\x03key\x18\x01 \x01(\v2\x11.baton.v1.FlowKeyR\x03key\x12\x14\n" +
 	"\x05owner\x18\x02 \x01(\tR\x05owner\x12\x14\n" +
@@ -763,7 +775,8 @@ const file_baton_v1_flow_proto_rawDesc = "" +
 	"\x12client_acked_bytes\x18\x1a \x01(\x04R\x10clientAckedBytes\x12,\n" +
 	"\x12server_acked_bytes\x18\x1b \x01(\x04R\x10serverAckedBytes\x12+\n" +
 	"\x11checkpoint_offset\x18\x1c \x01(\x04R\x10checkpointOffset\x123\n" +
-	"\ahistory\x18\x1d \x03(\v2\x19.baton.v1.OwnershipChangeR\ahistory\"\x87\x01\n" +
+	"\ahistory\x18\x1d \x03(\v2\x19.baton.v1.OwnershipChangeR\ahistory\x12%\n" +
+	"\x0eunacked_output\x18\x1e \x01(\fR\runackedOutput\"\x87\x01\n" +
 	"\x0fOwnershipChange\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
