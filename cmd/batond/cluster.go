@@ -5,11 +5,16 @@ package main
 // that continues flows other nodes started.
 //
 // Hook order (hooks are layers, the first added outermost): the anycast
-// filter (added by the stack), the takeover's fence hook, the flow
-// tracker, the takeover's interception and translation hook. The fence
-// must be outside the tracker (a flow being handed over is exactly what
-// the tracker recorded), the translation inside it (the tracker sees
-// restored flows in the client's sequence space both ways).
+// filter (added by the stack), the sync mode's hold hook (only with a
+// sync-mode service), the takeover's fence hook, the flow tracker, the
+// sync mode's log hook, the takeover's interception and translation hook.
+// The fence must be outside the tracker (a flow being handed over is
+// exactly what the tracker recorded), the translation inside it (the
+// tracker sees restored flows in the client's sequence space both ways).
+// The hold hook must be outside the tracker (a held packet is already in
+// the state its replicas must acknowledge) and outside the fence (it
+// drops what it holds for a fenced flow itself); the log hook inside the
+// tracker (the output of any state the tracker reports is logged).
 
 import (
 	"context"
@@ -101,8 +106,24 @@ func (d *daemon) startHandoff() error {
 		return err
 	}
 	ep := d.st.Endpoint()
+	var sy *handoff.Sync
+	if ports := d.syncPorts(); len(ports) > 0 {
+		sy = repl.EnableSync(handoff.SyncConfig{
+			Sync:     func(port uint16) bool { return ports[port] },
+			Service:  d.takeoverServices(),
+			Injector: ep,
+			MTU:      int(ep.MTU()),
+			Fenced:   engine.FlowFenced,
+			Logger:   d.log,
+		})
+		d.sync = sy
+		ep.AddHook(sy.HoldHook())
+	}
 	ep.AddHook(engine.FenceHook())
 	ep.AddHook(d.tracker)
+	if sy != nil {
+		ep.AddHook(sy.LogHook())
+	}
 	ep.AddHook(engine.Hook()) // last: innermost
 	d.st.SetResumeSource(engine)
 	if err := repl.Start(); err != nil {
@@ -128,6 +149,17 @@ func (d *daemon) takeoverServices() func(port uint16) services.TCPService {
 	return func(port uint16) services.TCPService { return byPort[port] }
 }
 
+// syncPorts are the TCP ports of the services in sync replication mode.
+func (d *daemon) syncPorts() map[uint16]bool {
+	ports := map[uint16]bool{}
+	for _, sc := range d.cfg.Service {
+		if d.cfg.Cluster.Replication[sc.Name] == "sync" {
+			ports[uint16(sc.Port)] = true
+		}
+	}
+	return ports
+}
+
 // takeoverPolicy is the configured takeover policy of a service.
 func (d *daemon) takeoverPolicy(service string) handoff.Policy {
 	p, _ := handoff.ParsePolicy(d.cfg.Cluster.Takeover[service]) // validated
@@ -135,6 +167,9 @@ func (d *daemon) takeoverPolicy(service string) handoff.Policy {
 }
 
 func (d *daemon) stopHandoff() {
+	if d.sync != nil {
+		d.sync.Close()
+	}
 	if d.repl != nil {
 		if e := d.repl.Engine(); e != nil {
 			e.Close()
@@ -154,6 +189,9 @@ func (d *daemon) handoffCollectors() []prometheus.Collector {
 	}
 	if d.repl != nil {
 		cs = append(cs, d.repl.Collector())
+		if d.sync != nil {
+			cs = append(cs, d.sync.Collector())
+		}
 		if e := d.repl.Engine(); e != nil {
 			cs = append(cs, e.Collector())
 		}

@@ -35,6 +35,11 @@ type ClusterConfig struct {
 	// its packets to the owner) or "default" (migrate for services that
 	// can resume connections, forward for the others).
 	Takeover map[string]string `yaml:"takeover"`
+	// Replication is the replication mode per service name: "async" (the
+	// default: state follows the packets) or "sync" (output commit: a
+	// flow's outbound packets wait until its replicas hold the state they
+	// reveal, so a crash takeover is lossless; see handoff/sync.go).
+	Replication map[string]string `yaml:"replication"`
 }
 
 // PeerConfig is one other node.
@@ -63,7 +68,7 @@ type FlowsConfig struct {
 
 type clusterFlags struct {
 	listen, peers, ca, cert, key *string
-	takeover                     *string
+	takeover, replMode           *string
 	replicas, maxFlows           *int
 	insecure                     *bool
 	idle                         *time.Duration
@@ -79,6 +84,7 @@ func registerClusterFlags(fs *flag.FlagSet, cfg *Config) *clusterFlags {
 		key:      fs.String("tls-key", "", "this node's private key (PEM)"),
 		insecure: fs.Bool("peer-insecure", false, "peer network without TLS (debugging only: anyone can inject flow state)"),
 		takeover: fs.String("takeover-policy", "", "takeover policy per service as name=migrate|forward|default,... (default: migrate for services that can resume, forward for others)"),
+		replMode: fs.String("replication-mode", "", "replication mode per service as name=async|sync,... (default async; sync holds output until replicas have the state)"),
 		maxFlows: fs.Int("max-flows", cfg.Flows.Max, "flows tracked and replicated; more are served untracked"),
 		idle:     fs.Duration("flow-idle-timeout", cfg.Flows.IdleTimeout, "forget flows idle this long"),
 	}
@@ -115,6 +121,16 @@ func (f *clusterFlags) apply(name string, cfg *Config) error {
 			m[strings.TrimSpace(name)] = strings.TrimSpace(pol)
 		}
 		cfg.Cluster.Takeover = m
+	case "replication-mode":
+		m := map[string]string{}
+		for _, kv := range splitList(*f.replMode) {
+			name, mode, ok := strings.Cut(kv, "=")
+			if !ok {
+				return fmt.Errorf("replication-mode: %q is not name=mode", kv)
+			}
+			m[strings.TrimSpace(name)] = strings.TrimSpace(mode)
+		}
+		cfg.Cluster.Replication = m
 	case "max-flows":
 		cfg.Flows.Max = *f.maxFlows
 	case "flow-idle-timeout":
@@ -156,6 +172,21 @@ func (c *ClusterConfig) validate(self, admin string) error {
 		}
 		if _, err := handoff.ParsePolicy(pol); err != nil {
 			return fmt.Errorf("cluster.takeover.%s: %v", name, err)
+		}
+	}
+	for name, mode := range c.Replication {
+		e, err := services.Builtin().Lookup(name)
+		if err != nil {
+			return fmt.Errorf("cluster.replication.%s: %v", name, err)
+		}
+		if e.Transport != services.TCP {
+			return fmt.Errorf("cluster.replication.%s: a %s service has no connections to replicate", name, e.Transport)
+		}
+		if mode != "sync" && mode != "async" {
+			return fmt.Errorf("cluster.replication.%s: replication mode %q: want async or sync", name, mode)
+		}
+		if mode == "sync" && c.Listen == "" {
+			return fmt.Errorf("cluster.replication.%s: sync mode needs the peer network (cluster.listen)", name)
 		}
 	}
 	seen := map[string]bool{self: true}

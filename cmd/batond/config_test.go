@@ -51,6 +51,12 @@ func TestConfigErrors(t *testing.T) {
 		{"takeover unknown", []string{"-takeover-policy", "gopher=forward"}, "", `cluster.takeover.gopher: services: unknown service "gopher"`},
 		{"takeover not name=policy", []string{"-takeover-policy", "stream"}, "", `takeover-policy: "stream" is not name=policy`},
 		{"yaml takeover", nil, "node: n1\nanycast: [192.0.2.1/32]\ncluster: {takeover: {echo: sideways}}\n", "cluster.takeover.echo"},
+		{"replication mode", []string{"-replication-mode", "echo=eventually"}, "", `cluster.replication.echo: replication mode "eventually": want async or sync`},
+		{"replication udp", []string{"-replication-mode", "whoami=sync"}, "", "cluster.replication.whoami: a udp service has no connections to replicate"},
+		{"replication unknown", []string{"-replication-mode", "gopher=sync"}, "", `cluster.replication.gopher: services: unknown service "gopher"`},
+		{"replication not name=mode", []string{"-replication-mode", "echo"}, "", `replication-mode: "echo" is not name=mode`},
+		{"yaml replication", nil, "node: n1\nanycast: [192.0.2.1/32]\ncluster: {replication: {echo: Sync}}\n", `cluster.replication.echo: replication mode "Sync": want async or sync`},
+		{"yaml replication standalone", nil, "node: n1\nanycast: [192.0.2.1/32]\ncluster: {replication: {echo: sync}}\n", "cluster.replication.echo: sync mode needs the peer network (cluster.listen)"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -111,6 +111,7 @@ type daemon struct {
 	tracker     *handoff.Tracker
 	stopTracker func()
 	repl        *handoff.Replication
+	sync        *handoff.Sync // sync replication mode, or nil
 
 	health *healthParts
 
