@@ -306,6 +306,7 @@ func runScenario(ctx context.Context, tl *takeoverLab, name string, target, n, f
 			continue
 		}
 		var steps []string
+		last := final[i]
 		for _, h := range hist {
 			at := time.Unix(0, h.UnixNano)
 			if at.Before(tEvent) {
@@ -313,9 +314,13 @@ func runScenario(ctx context.Context, tl *takeoverLab, name string, target, n, f
 			}
 			steps = append(steps, h.How+"->"+h.Node)
 			lastChange = later(lastChange, at)
+			last = h.Node
 		}
 		s.Paths = append(s.Paths, fmt.Sprintf("%d: %s", flows[i].Port, joinOr(steps, " ", "none")))
-		s.Final[final[i]]++
+		s.Final[last]++
+		if last != final[i] {
+			s.Moved++
+		}
 	}
 	if !lastChange.IsZero() {
 		s.LastMigratedMs = jfloat(ms(lastChange.Sub(tWithdraw)))

@@ -68,8 +68,12 @@ type TakeoverScenario struct {
 	// Flows with every byte right and no reset or early end.
 	Verified int            `json:"flows_verified"`
 	Final    map[string]int `json:"flows_by_final_node"`
-	Paths    []string       `json:"ownership_changes,omitempty"`
-	Errors   []string       `json:"errors,omitempty"`
+	// Moved counts flows that ended on another node than the one the
+	// router sent them to once the failed node was withdrawn: the route
+	// changed again during the scenario (e.g. a BGP session dropped).
+	Moved  int      `json:"flows_moved_after_settling"`
+	Paths  []string `json:"ownership_changes,omitempty"`
+	Errors []string `json:"errors,omitempty"`
 }
 
 // stallTarget is the scenario's client stall target (p50).
@@ -194,7 +198,10 @@ func printTakeover(tr *TakeoverResults) {
 		tr.Flows, tr.Service, latencyMetric)
 	fmt.Print(takeoverTable(tr).String())
 	for _, s := range tr.Scenarios {
-		fmt.Printf("%s on %s: %s; flows now on %s\n", scenarioTitle(s.Name), s.Target, s.Event, fmtFinal(s.Final))
+		fmt.Printf("%s on %s: %s; flows finally on %s\n", scenarioTitle(s.Name), s.Target, s.Event, fmtFinal(s.Final))
+		if s.Moved > 0 {
+			fmt.Printf("    NOTE: %d flow(s) ended on another node than the router picked after the withdrawal: the route changed again during the scenario (a BGP session dropped under load?); see ownership_changes in the JSON\n", s.Moved)
+		}
 	}
 }
 
