@@ -41,6 +41,10 @@ const (
 	departMethod = "/baton.v1.Depart/Handover"
 	// departParallel bounds the hand-overs in flight.
 	departParallel = 16
+	// departRounds and departRetry bound the retries of a flow whose
+	// state cannot be handed over at the moment.
+	departRounds = 20
+	departRetry  = 50 * time.Millisecond
 	// departCallTimeout bounds one Depart call: the callee's pull (a
 	// lookup, a claim, the synthetic handshake) within its window.
 	departCallTimeout = DefaultTakeoverWindow + 2*time.Second
@@ -108,40 +112,53 @@ func (e *Engine) Depart(ctx context.Context) DepartResult {
 	return res
 }
 
-// departFlow hands k over to the first candidate that takes it.
+// departFlow hands k over to the first candidate that takes it. A
+// refusal because of the flow's state now (cannot_resume: an echo owes its
+// client bytes not yet acknowledged; busy: a claim is under way) is tried
+// again shortly, a little later each time, up to departRounds times.
 func (e *Engine) departFlow(ctx context.Context, k FlowKey) error {
-	live := e.r.members.Live()
-	cands := Replicas(k, e.self, live, len(live))
-	if len(cands) == 0 {
-		return errors.New("no live peer")
-	}
 	var last error
-	for _, peer := range cands {
-		epoch, owned := e.tr.Epoch(k)
-		if !owned {
-			return nil // closed, or pulled by the node its client reached
-		}
-		if f := e.lookup(k); f != nil && f.get() == esHold {
-			// A claim is handing it over right now: wait for its end.
-			if err := sleepCtx(ctx, 50*time.Millisecond); err != nil {
+	for round := 0; round < departRounds; round++ {
+		if round > 0 {
+			if err := sleepCtx(ctx, time.Duration(min(round, 5))*departRetry); err != nil {
 				return err
 			}
-			if _, owned := e.tr.Epoch(k); !owned {
+		}
+		live := e.r.members.Live()
+		cands := Replicas(k, e.self, live, len(live))
+		if len(cands) == 0 {
+			return errors.New("no live peer")
+		}
+		again := false
+		for _, peer := range cands {
+			epoch, owned := e.tr.Epoch(k)
+			if !owned {
+				return nil // closed, or pulled by the node its client reached
+			}
+			if f := e.lookup(k); f != nil && f.get() == esHold {
+				again = true // a claim is handing it over right now
+				break
+			}
+			resp, err := e.callDepart(ctx, peer, k, epoch)
+			if err == nil && resp.Granted {
+				e.m.takeover(HowDepart)
 				return nil
 			}
+			if err != nil {
+				last = err
+			} else {
+				last = errors.New(peer + " refused: " + resp.Reason)
+				if resp.Reason == claimCannotResume || resp.Reason == claimBusy {
+					again = true
+					break
+				}
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
 		}
-		resp, err := e.callDepart(ctx, peer, k, epoch)
-		switch {
-		case err != nil:
-			last = err
-		case resp.Granted:
-			e.m.takeover(HowDepart)
-			return nil
-		default:
-			last = errors.New(peer + " refused: " + resp.Reason)
-		}
-		if ctx.Err() != nil {
-			return ctx.Err()
+		if !again {
+			break
 		}
 	}
 	if _, owned := e.tr.Epoch(k); !owned {
@@ -192,8 +209,17 @@ func (e *Engine) handleDepart(ctx context.Context, caller string, req *batonv1.C
 		f.mu.Unlock()
 		return refuse(claimBusy), nil
 	case esForward:
-		f.mu.Unlock()
-		return refuse(claimCannotResume), nil
+		if f.owner != caller {
+			f.mu.Unlock()
+			return refuse(claimCannotResume), nil
+		}
+		// Forwarded to the departing node because its service could not
+		// hand the stream over then: try again (its forwarder is left to
+		// the flows still forwarded to it).
+		f.fwd = nil
+		e.setStateLocked(f, esDeciding)
+		f.trigger = time.Now()
+		f.run = nil
 	case esReset:
 		f.mu.Unlock()
 		return refuse(claimReset), nil
