@@ -104,7 +104,7 @@ type tkConfig struct {
 }
 
 type tkLab struct {
-	t      *testing.T
+	t      testing.TB
 	nodes  []*tkNode
 	solo   *stack.Stack
 	closed bool
@@ -116,7 +116,7 @@ type tkLab struct {
 	rewrite atomic.Pointer[func([]byte) bool]
 }
 
-func newTkLab(t *testing.T, cfg tkConfig) *tkLab {
+func newTkLab(t testing.TB, cfg tkConfig) *tkLab {
 	t.Helper()
 	if cfg.replicas == 0 {
 		cfg.replicas = 2
