@@ -22,18 +22,19 @@ func TestTakeoverRehashAddition(t *testing.T) {
 	l := c.Lab
 
 	resets := clientResets(t, l)
-	ds := startDownloads(t, ctx, l, -1, flows, 22000, size)
+	ds := startDownloads(t, ctx, l, -1, flows, 22000, size, size/10)
 	before := make([]int, len(ds))
 	for i, d := range ds {
 		before[i] = predict(t, l, d.port, streamPort)
 	}
 	waitProgress(t, ctx, ds, size/10)
+	release(ds) // every flow runs, 90% of it still to come, as the route changes
 	if err := l.SetNexthops([]int{0, 1, 2, 3}); err != nil {
 		t.Fatal(err)
 	}
-	// Which flows the router now sends elsewhere, and how many of them
-	// were still running when it did (a finished one has nothing to move).
-	moved, movedRunning, toNew := 0, 0, 0
+	// Which flows the router now sends elsewhere: each of them has its
+	// client's next packets land on a node that must claim it.
+	moved, toNew := 0, 0
 	for i, d := range ds {
 		after := predict(t, l, d.port, streamPort)
 		if after == before[i] {
@@ -43,29 +44,26 @@ func TestTakeoverRehashAddition(t *testing.T) {
 		if after == 3 {
 			toNew++
 		}
-		select {
-		case <-d.done:
-		default:
-			movedRunning++
-		}
 		t.Logf("port %d: %s -> %s", d.port, lab.NodeName(before[i]), lab.NodeName(after))
 	}
-	t.Logf("%d of %d flows rehashed (%d to the new node), %d of them still running", moved, flows, toNew, movedRunning)
-	if movedRunning == 0 {
-		t.Fatal("no running flow was rehashed: the scenario tested nothing")
+	t.Logf("%d of %d flows rehashed (%d to the new node)", moved, flows, toNew)
+	if moved == 0 || toNew == 0 {
+		t.Fatal("no flow was rehashed to the new node: the scenario tested nothing")
 	}
 	finish(t, ds)
 	noResets(t, l, resets)
 	c.logMetrics()
+	// More than one claim per moved flow happens when a node's health
+	// check fails under load and its route flaps (each move is a claim).
 	got := c.total("total", `kind="pull-migrate"`)
-	if got == 0 {
-		t.Fatal("no pull-migrate takeover counted")
+	t.Logf("%v pull-migrate takeovers for %d rehashed flows", got, moved)
+	if got < float64(moved) {
+		t.Errorf("%v pull-migrate takeovers, want >= %d (one per rehashed flow)", got, moved)
 	}
-	if c.counter(3, "total", `kind="pull-migrate"`) == 0 && toNew > 0 {
-		t.Error("the new node migrated no flow")
+	if n := c.counter(3, "total", `kind="pull-migrate"`); n < float64(toNew) {
+		t.Errorf("the new node migrated %v flows, want >= %d", n, toNew)
 	}
 	if other := c.total("total", `kind="push"`) + c.total("total", `kind="pull-restore"`); other != 0 {
 		t.Errorf("%v push or pull-restore takeovers with every owner alive", other)
 	}
-	t.Logf("%v pull-migrate takeovers for %d rehashed flows", got, moved)
 }

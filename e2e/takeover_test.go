@@ -72,13 +72,23 @@ type download struct {
 
 // startDownloads opens n stream downloads of size bytes from client ports
 // the router sends to node target (-1: any), each checked as it arrives.
-func startDownloads(t *testing.T, ctx context.Context, l *lab.Lab, target, n, firstPort int, size uint64) []*download {
+// With hold > 0 the client stops reading each at hold bytes: once
+// waitProgress(hold) returned, release lets them all run on, every one
+// still mid-transfer, just before the event under test.
+func startDownloads(t *testing.T, ctx context.Context, l *lab.Lab, target, n, firstPort int, size uint64, hold int64) []*download {
 	t.Helper()
 	var ds []*download
 	for _, port := range portsTo(t, l, streamPort, target, n, firstPort) {
-		ds = append(ds, startDownload(t, ctx, l, port, size, 0))
+		ds = append(ds, startDownload(t, ctx, l, port, size, hold))
 	}
 	return ds
+}
+
+// release lifts the read limit of every download.
+func release(ds []*download) {
+	for _, d := range ds {
+		d.cr.limit.Store(0)
+	}
 }
 
 // startDownload opens one stream download of size bytes from client port
@@ -200,8 +210,9 @@ func TestTakeoverDrainAndKill(t *testing.T) {
 	t.Run("drain", func(t *testing.T) {
 		const target = 0
 		resets := clientResets(t, l)
-		ds := startDownloads(t, ctx, l, target, takeoverDownloads, 20000, takeoverSize)
+		ds := startDownloads(t, ctx, l, target, takeoverDownloads, 20000, takeoverSize, takeoverSize/5)
 		waitProgress(t, ctx, ds, takeoverSize/5)
+		release(ds)
 		if err := l.SetNexthops([]int{1, 2}); err != nil {
 			t.Fatal(err)
 		}
@@ -222,8 +233,9 @@ func TestTakeoverDrainAndKill(t *testing.T) {
 	t.Run("kill", func(t *testing.T) {
 		const target, downloads = 1, 20
 		resets := clientResets(t, l)
-		ds := startDownloads(t, ctx, l, target, downloads, 21000, takeoverSize)
+		ds := startDownloads(t, ctx, l, target, downloads, 21000, takeoverSize, takeoverSize/5)
 		waitProgress(t, ctx, ds, takeoverSize/5)
+		release(ds)
 		if err := c.procs[target].Kill(); err != nil {
 			t.Fatal(err)
 		}
