@@ -11,11 +11,12 @@ import (
 	batonv1 "github.com/baton-anycast/baton/proto/baton/v1"
 )
 
-// TestTakeoverFlap (scenario c): one 200 MB download moves n1 -> n2 -> n1
-// -> n3 as the router's nexthops flap, each owner serving part of it
-// (the client reads in steps, and each step is read from the new owner),
-// and completes exactly with no reset. The flow's ownership history on its
-// last owner shows every move, each a live claim.
+// TestTakeoverFlap (scenario c): two 200 MB downloads, one over IPv4 and
+// one over IPv6, move n1 -> n2 -> n1 -> n3 as the router's nexthops flap,
+// each owner serving part of them (the client reads in steps, and each
+// step is read from the new owner), and complete exactly with no reset.
+// The flows' ownership histories on their last owner show every move, each
+// a live claim.
 func TestTakeoverFlap(t *testing.T) {
 	const (
 		size = 200 << 20
@@ -25,13 +26,31 @@ func TestTakeoverFlap(t *testing.T) {
 	c := startCluster(t, ctx, 3, "btkc", 2, nil)
 	l := c.Lab
 
-	port := portsTo(t, l, streamPort, 0, 1, 23000)[0]
+	// Flows the full route sends to n1, over both families.
+	var srcs []netip.AddrPort
+	dsts := []netip.Addr{l.Anycast4, l.Anycast6}
+	for i, client := range []netip.Addr{l.ClientAddr4, l.ClientAddr6} {
+		for port := 23000 + 100*i; ; port++ {
+			src := netip.AddrPortFrom(client, uint16(port))
+			n, err := l.PredictNode(src, netip.AddrPortFrom(dsts[i], streamPort))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n == 0 {
+				srcs = append(srcs, src)
+				break
+			}
+		}
+	}
 	resets := clientResets(t, l)
-	d := startDownload(t, ctx, l, port, size, step)
-	waitProgress(t, ctx, []*download{d}, step)
+	var ds []*download
+	for i, src := range srcs {
+		ds = append(ds, startDownload(t, ctx, l, dsts[i], int(src.Port()), size, step))
+	}
+	waitProgress(t, ctx, ds, step)
 
 	// Each move: the client may read one more step, the route changes
-	// under the running flow, and the step is read (from the new owner:
+	// under the running flows, and the step is read (from the new owner:
 	// the old one is fenced once it handed the flow over).
 	moves := []struct {
 		nexthops []int
@@ -39,36 +58,47 @@ func TestTakeoverFlap(t *testing.T) {
 	}{{[]int{1}, 1}, {[]int{0, 1, 2}, 0}, {[]int{2}, 2}}
 	for i, m := range moves {
 		limit := int64(step * (i + 2))
-		d.cr.limit.Store(limit)
+		for _, d := range ds {
+			d.cr.limit.Store(limit)
+		}
 		if err := l.SetNexthops(m.nexthops); err != nil {
 			t.Fatal(err)
 		}
-		if got := predict(t, l, port, streamPort); got != m.owner {
-			t.Fatalf("nexthops %v send the flow to %s, not %s", m.nexthops, lab.NodeName(got), lab.NodeName(m.owner))
+		for j, src := range srcs {
+			got, err := l.PredictNode(src, netip.AddrPortFrom(dsts[j], streamPort))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != m.owner {
+				t.Fatalf("nexthops %v send %s to %s, not %s", m.nexthops, src, lab.NodeName(got), lab.NodeName(m.owner))
+			}
 		}
-		waitProgress(t, ctx, []*download{d}, limit)
+		waitProgress(t, ctx, ds, limit)
 	}
 
-	// The flow, still open (the client holds back the rest), is owned by
-	// n3, whose history shows every move.
-	key := handoff.FlowKey{Client: netip.AddrPortFrom(l.ClientAddr4, uint16(port)), Anycast: netip.AddrPortFrom(l.Anycast4, streamPort)}
-	resp, err := c.admins[2].GetFlow(ctx, &batonv1.GetFlowRequest{Key: key.Proto(), LocalOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The flows, still open (the client holds back the rest), are owned
+	// by n3, whose history shows every move.
 	want := "n1/open n2/pull-migrate n1/pull-migrate n3/pull-migrate"
-	if got := history(resp.Flow.GetState()); got != want {
-		t.Errorf("ownership history on n3 %q, want %q", got, want)
-	} else {
-		t.Logf("ownership history: %s", got)
+	for j, src := range srcs {
+		key := handoff.FlowKey{Client: src, Anycast: netip.AddrPortFrom(dsts[j], streamPort)}
+		resp, err := c.admins[2].GetFlow(ctx, &batonv1.GetFlowRequest{Key: key.Proto(), LocalOnly: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := history(resp.Flow.GetState()); got != want {
+			t.Errorf("%s: ownership history on n3 %q, want %q", key, got, want)
+		} else {
+			t.Logf("%s: ownership history: %s", key, got)
+		}
 	}
 
-	d.cr.limit.Store(0)
-	finish(t, []*download{d})
+	release(ds)
+	finish(t, ds)
 	noResets(t, l, resets)
 	c.logMetrics()
-	if n := c.total("total", `kind="pull-migrate"`); n < float64(len(moves)) {
-		t.Errorf("%v pull-migrate takeovers, want >= %d", n, len(moves))
+	c.noFailures()
+	if n := c.total("total", `kind="pull-migrate"`); n < float64(len(moves)*len(ds)) {
+		t.Errorf("%v pull-migrate takeovers, want >= %d", n, len(moves)*len(ds))
 	}
 }
 

@@ -85,6 +85,7 @@ func TestTakeoverForward(t *testing.T) {
 	}
 	noResets(t, l, resets)
 	c.logMetrics()
+	c.noFailures()
 
 	if n := c.total("total", `kind="forward"`); n < 2 {
 		t.Errorf("%v forward takeovers counted, want >= 2 (echo and http)", n)

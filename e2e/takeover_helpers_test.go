@@ -74,8 +74,9 @@ func (c *takeoverCluster) logMetrics() {
 	}
 }
 
-// counter returns node i's baton_takeover_<name> sample whose labels
-// contain label (e.g. `kind="pull-migrate"`), 0 when absent or dead.
+// counter returns node i's baton_takeover_<name> samples whose labels
+// contain label (e.g. `kind="pull-migrate"`), summed; 0 when absent or
+// dead.
 func (c *takeoverCluster) counter(i int, name, label string) float64 {
 	if !c.live(i) {
 		return 0
@@ -92,18 +93,29 @@ func (c *takeoverCluster) total(name, label string) float64 {
 	return sum
 }
 
-// metricValue finds name{...label...} in takeoverMetrics output.
+// metricValue sums the samples name{...label...} in takeoverMetrics
+// output (label "" matches every sample of name).
 func metricValue(metrics, name, label string) float64 {
+	var sum float64
 	for _, line := range strings.Split(metrics, "\n") {
 		if !strings.HasPrefix(line, name+"{") || !strings.Contains(line, label) {
 			continue
 		}
 		sp := strings.LastIndexByte(line, ' ')
 		if v, err := strconv.ParseFloat(line[sp+1:], 64); err == nil {
-			return v
+			sum += v
 		}
 	}
-	return 0
+	return sum
+}
+
+// noFailures fails the test if a live node counted a failed takeover
+// (baton_takeover_failures_total, any reason).
+func (c *takeoverCluster) noFailures() {
+	c.t.Helper()
+	if n := c.total("failures_total", ""); n != 0 {
+		c.t.Errorf("%v takeovers failed", n)
+	}
 }
 
 // clientResets returns the client namespace's Tcp EstabResets counter:

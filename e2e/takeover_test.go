@@ -79,7 +79,7 @@ func startDownloads(t *testing.T, ctx context.Context, l *lab.Lab, target, n, fi
 	t.Helper()
 	var ds []*download
 	for _, port := range portsTo(t, l, streamPort, target, n, firstPort) {
-		ds = append(ds, startDownload(t, ctx, l, port, size, hold))
+		ds = append(ds, startDownload(t, ctx, l, l.Anycast4, port, size, hold))
 	}
 	return ds
 }
@@ -92,12 +92,16 @@ func release(ds []*download) {
 }
 
 // startDownload opens one stream download of size bytes from client port
-// port, checked as it arrives, reading at most limit bytes (0: no limit)
-// until download.cr.limit is raised.
-func startDownload(t *testing.T, ctx context.Context, l *lab.Lab, port int, size uint64, limit int64) *download {
+// port to anycast (l.Anycast4 or l.Anycast6), checked as it arrives,
+// reading at most limit bytes (0: no limit) until download.cr.limit is
+// raised.
+func startDownload(t *testing.T, ctx context.Context, l *lab.Lab, anycast netip.Addr, port int, size uint64, limit int64) *download {
 	t.Helper()
-	dst := netip.AddrPortFrom(l.Anycast4, streamPort)
-	c, err := l.Client.Dial(ctx, "tcp4", dst.String(), port)
+	dst, network := netip.AddrPortFrom(anycast, streamPort), "tcp4"
+	if anycast.Is6() {
+		network = "tcp6"
+	}
+	c, err := l.Client.Dial(ctx, network, dst.String(), port)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -219,6 +223,7 @@ func TestTakeoverDrainAndKill(t *testing.T) {
 		finish(t, ds)
 		noResets(t, l, resets)
 		c.logMetrics()
+		c.noFailures()
 		if got := c.total("total", `kind="pull-migrate"`); got < takeoverDownloads {
 			t.Errorf("%v pull-migrate takeovers, want >= %d (one per drained flow)", got, takeoverDownloads)
 		}
@@ -245,6 +250,7 @@ func TestTakeoverDrainAndKill(t *testing.T) {
 		finish(t, ds)
 		noResets(t, l, resets)
 		c.logMetrics()
+		c.noFailures()
 		if got := c.total("total", `kind="push"`) + c.total("total", `kind="pull-restore"`); got < downloads {
 			t.Errorf("%v push or pull-restore takeovers, want >= %d (one per flow of the dead node)", got, downloads)
 		}
