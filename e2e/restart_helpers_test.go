@@ -19,6 +19,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -60,15 +61,16 @@ func rrStartCluster(t *testing.T, ctx context.Context, n int, prefix string, ext
 	if err := l.EnableCluster(2); err != nil {
 		t.Fatal(err)
 	}
-	// Checks that tolerate a loaded 2-core machine (the 100 ms default of
-	// healthArgs flaps under 60 sessions), a drain timeout long enough for
+	// Checks that tolerate a loaded 2-core machine (healthArgs' 100 ms x 3
+	// flaps under 60 sessions: a withdrawal moves flows), a drain timeout long enough for
 	// the departure handover.
 	c := &rrCluster{Lab: l, t: t, ctx: ctx, procs: make([]*lab.Proc, n), admins: make([]batonv1.AdminClient, n),
-		extra: append([]string{"-drain-timeout", "30s", "-check-interval", "250ms", "-check-timeout", "250ms",
-			"-check-fall", "6", "-log-level", "debug"}, extra...)}
+		extra: append([]string{"-drain-timeout", "30s", "-check-interval", "500ms", "-check-timeout", "500ms",
+			"-check-fall", "5", "-log-level", "debug"}, extra...)}
 	t.Cleanup(func() { // before the lab's teardown
 		if t.Failed() {
 			c.logMetrics()
+			rrKeepLogs(t, l)
 		}
 	})
 	for i := range n {
@@ -114,6 +116,25 @@ func (c *rrCluster) logMetrics() {
 			c.t.Logf("%s takeover metrics:\n%s", lab.NodeName(i), takeoverMetrics(c.ctx, c.Lab, i))
 		}
 	}
+}
+
+// rrStamp formats the time of a failure, to find it in the node logs.
+const rrStamp = "15:04:05.000"
+
+// rrKeepLogs copies the lab's logs (every process, whole) out of its log
+// directory, which the teardown removes, for a failed test.
+func rrKeepLogs(t *testing.T, l *lab.Lab) {
+	dir, err := os.MkdirTemp("", "baton-e2e-logs-"+t.Name()+"-")
+	if err != nil {
+		return
+	}
+	ents, _ := os.ReadDir(l.LogDir)
+	for _, e := range ents {
+		if b, err := os.ReadFile(filepath.Join(l.LogDir, e.Name())); err == nil && strings.HasSuffix(e.Name(), ".log") {
+			_ = os.WriteFile(filepath.Join(dir, e.Name()), b, 0o644)
+		}
+	}
+	t.Logf("logs kept in %s", dir)
 }
 
 // rrResets returns the client namespace's Tcp EstabResets counter
@@ -173,27 +194,39 @@ func rrPorts(t *testing.T, l *lab.Lab, dport uint16, target, n, first int) []int
 	return out
 }
 
-// pacedReader reads at most rate bytes per second until fast is set.
+// pacedReader reads at the rate (bytes/s) rate holds at the time (a
+// token bucket of rrBurst bytes).
 type pacedReader struct {
-	r     io.Reader
-	rate  int64
-	fast  *atomic.Bool
-	start time.Time
-	n     atomic.Int64
+	r      io.Reader
+	rate   *atomic.Int64
+	tokens float64
+	last   time.Time
+	n      atomic.Int64
+	// maxWait is the longest Read of the connection (ns).
+	maxWait atomic.Int64
 }
 
+const rrBurst = 128 << 10
+
 func (p *pacedReader) Read(b []byte) (int, error) {
-	for !p.fast.Load() {
-		allow := int64(time.Since(p.start).Seconds()*float64(p.rate)) - p.n.Load()
-		if allow > 0 {
-			if int64(len(b)) > allow {
-				b = b[:allow]
+	for {
+		now := time.Now()
+		p.tokens = min(p.tokens+now.Sub(p.last).Seconds()*float64(p.rate.Load()), rrBurst)
+		p.last = now
+		if p.tokens >= 1 {
+			if float64(len(b)) > p.tokens {
+				b = b[:int(p.tokens)]
 			}
 			break
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+	t0 := time.Now()
 	n, err := p.r.Read(b)
+	if d := int64(time.Since(t0)); d > p.maxWait.Load() {
+		p.maxWait.Store(d) // the reader is slower than the stream: a long wait is a stall
+	}
+	p.tokens -= float64(n)
 	p.n.Add(int64(n))
 	return n, err
 }
@@ -207,9 +240,9 @@ type rrDownload struct {
 }
 
 // rrStartDownloads opens a download of size bytes from each port, read at
-// rate bytes/s until fast is set, each checked byte by byte and by
-// SHA-256; a reset is reported as such.
-func rrStartDownloads(t *testing.T, ctx context.Context, l *lab.Lab, ports []int, size uint64, rate int64, fast *atomic.Bool) []*rrDownload {
+// the rate rate holds, each checked byte by byte and by SHA-256; a reset
+// is reported as such.
+func rrStartDownloads(t *testing.T, ctx context.Context, l *lab.Lab, ports []int, size uint64, rate *atomic.Int64) []*rrDownload {
 	t.Helper()
 	dst := netip.AddrPortFrom(l.Anycast4, rrStreamPort)
 	var ds []*rrDownload
@@ -219,7 +252,7 @@ func rrStartDownloads(t *testing.T, ctx context.Context, l *lab.Lab, ports []int
 			t.Fatalf("port %d: %v", port, err)
 		}
 		t.Cleanup(func() { c.Close() })
-		d := &rrDownload{port: port, pr: &pacedReader{r: c, rate: rate, fast: fast, start: time.Now()}, done: make(chan struct{})}
+		d := &rrDownload{port: port, pr: &pacedReader{r: c, rate: rate, last: time.Now()}, done: make(chan struct{})}
 		seed := uint64(port) * 31
 		if _, err := io.WriteString(c, services.StreamRequest(size, seed)); err != nil {
 			t.Fatal(err)
@@ -230,7 +263,7 @@ func rrStartDownloads(t *testing.T, ctx context.Context, l *lab.Lab, ports []int
 			got, ok, err := services.ReadStream(io.TeeReader(d.pr, h), size, seed)
 			switch {
 			case errors.Is(err, syscall.ECONNRESET):
-				d.err = fmt.Errorf("download port %d: RESET after %d bytes", port, got)
+				d.err = fmt.Errorf("download port %d: RESET after %d bytes at %s", port, got, time.Now().Format(rrStamp))
 			case err != nil || !ok:
 				d.err = fmt.Errorf("download port %d: after %d bytes: %v", port, got, err)
 			case [32]byte(h.Sum(nil)) != services.PatternSHA256(seed, 0, size):
@@ -343,7 +376,7 @@ func (e *rrEcho) run(stop <-chan struct{}) {
 
 func (e *rrEcho) wrap(err error) error {
 	if errors.Is(err, syscall.ECONNRESET) {
-		return fmt.Errorf("echo port %d: RESET after %d rounds", e.port, e.rounds.Load())
+		return fmt.Errorf("echo port %d: RESET after %d rounds at %s", e.port, e.rounds.Load(), time.Now().Format(rrStamp))
 	}
 	return fmt.Errorf("echo port %d: after %d rounds: %w", e.port, e.rounds.Load(), err)
 }
@@ -352,7 +385,7 @@ func (e *rrEcho) wrap(err error) error {
 type rrWorkload struct {
 	ds    []*rrDownload
 	es    []*rrEcho
-	fast  atomic.Bool
+	rate  atomic.Int64
 	stop  chan struct{}
 	once  sync.Once
 	start time.Time
@@ -363,16 +396,21 @@ type rrWorkload struct {
 func rrStartWorkload(t *testing.T, ctx context.Context, l *lab.Lab, nd, ne, first int, size uint64, rate int64) *rrWorkload {
 	t.Helper()
 	w := &rrWorkload{stop: make(chan struct{}), start: time.Now()}
-	w.ds = rrStartDownloads(t, ctx, l, rrPorts(t, l, rrStreamPort, -1, nd, first), size, rate, &w.fast)
+	w.rate.Store(rate)
+	w.ds = rrStartDownloads(t, ctx, l, rrPorts(t, l, rrStreamPort, -1, nd, first), size, &w.rate)
 	w.es = rrStartEchoes(t, ctx, l, rrPorts(t, l, rrEchoPort, -1, ne, first+2000), w.stop)
 	t.Cleanup(w.end)
 	return w
 }
 
-// end lifts the pacing and stops the echo sessions.
+// rrEndRate is the downloads' rate once the scenario is over: fast, but
+// not so fast that the 2-core machine's health checks time out.
+const rrEndRate = 2 << 20
+
+// end speeds the downloads up and stops the echo sessions.
 func (w *rrWorkload) end() {
 	w.once.Do(func() {
-		w.fast.Store(true)
+		w.rate.Store(rrEndRate)
 		close(w.stop)
 	})
 }
@@ -417,7 +455,15 @@ func (w *rrWorkload) finish(t *testing.T) {
 			t.Error(d.err)
 		}
 	}
-	var rounds, maxStall int64
+	var rounds, maxStall, dlMax, dlSum int64
+	for _, d := range w.ds {
+		m := d.pr.maxWait.Load()
+		dlMax, dlSum = max(dlMax, m), dlSum+m
+	}
+	if len(w.ds) > 0 {
+		t.Logf("downloads: longest wait for data per flow: max %s, mean %s",
+			time.Duration(dlMax).Round(time.Millisecond), time.Duration(dlSum/int64(len(w.ds))).Round(time.Millisecond))
+	}
 	for _, e := range w.es {
 		select {
 		case <-e.done:
