@@ -202,8 +202,10 @@ type pacedReader struct {
 	tokens float64
 	last   time.Time
 	n      atomic.Int64
-	// maxWait is the longest Read of the connection (ns).
+	// maxWait is the longest Read of the connection (ns) until done (the
+	// scenario is over).
 	maxWait atomic.Int64
+	done    *atomic.Bool
 }
 
 const rrBurst = 128 << 10
@@ -223,7 +225,7 @@ func (p *pacedReader) Read(b []byte) (int, error) {
 	}
 	t0 := time.Now()
 	n, err := p.r.Read(b)
-	if d := int64(time.Since(t0)); d > p.maxWait.Load() {
+	if d := int64(time.Since(t0)); d > p.maxWait.Load() && !p.done.Load() {
 		p.maxWait.Store(d) // the reader is slower than the stream: a long wait is a stall
 	}
 	p.tokens -= float64(n)
@@ -242,7 +244,7 @@ type rrDownload struct {
 // rrStartDownloads opens a download of size bytes from each port, read at
 // the rate rate holds, each checked byte by byte and by SHA-256; a reset
 // is reported as such.
-func rrStartDownloads(t *testing.T, ctx context.Context, l *lab.Lab, ports []int, size uint64, rate *atomic.Int64) []*rrDownload {
+func rrStartDownloads(t *testing.T, ctx context.Context, l *lab.Lab, ports []int, size uint64, rate *atomic.Int64, over *atomic.Bool) []*rrDownload {
 	t.Helper()
 	dst := netip.AddrPortFrom(l.Anycast4, rrStreamPort)
 	var ds []*rrDownload
@@ -252,7 +254,7 @@ func rrStartDownloads(t *testing.T, ctx context.Context, l *lab.Lab, ports []int
 			t.Fatalf("port %d: %v", port, err)
 		}
 		t.Cleanup(func() { c.Close() })
-		d := &rrDownload{port: port, pr: &pacedReader{r: c, rate: rate, last: time.Now()}, done: make(chan struct{})}
+		d := &rrDownload{port: port, pr: &pacedReader{r: c, rate: rate, last: time.Now(), done: over}, done: make(chan struct{})}
 		seed := uint64(port) * 31
 		if _, err := io.WriteString(c, services.StreamRequest(size, seed)); err != nil {
 			t.Fatal(err)
@@ -386,6 +388,7 @@ type rrWorkload struct {
 	ds    []*rrDownload
 	es    []*rrEcho
 	rate  atomic.Int64
+	over  atomic.Bool
 	stop  chan struct{}
 	once  sync.Once
 	start time.Time
@@ -397,7 +400,7 @@ func rrStartWorkload(t *testing.T, ctx context.Context, l *lab.Lab, nd, ne, firs
 	t.Helper()
 	w := &rrWorkload{stop: make(chan struct{}), start: time.Now()}
 	w.rate.Store(rate)
-	w.ds = rrStartDownloads(t, ctx, l, rrPorts(t, l, rrStreamPort, -1, nd, first), size, &w.rate)
+	w.ds = rrStartDownloads(t, ctx, l, rrPorts(t, l, rrStreamPort, -1, nd, first), size, &w.rate, &w.over)
 	w.es = rrStartEchoes(t, ctx, l, rrPorts(t, l, rrEchoPort, -1, ne, first+2000), w.stop)
 	t.Cleanup(w.end)
 	return w
@@ -410,6 +413,7 @@ const rrEndRate = 2 << 20
 // end speeds the downloads up and stops the echo sessions.
 func (w *rrWorkload) end() {
 	w.once.Do(func() {
+		w.over.Store(true)
 		w.rate.Store(rrEndRate)
 		close(w.stop)
 	})
@@ -461,7 +465,7 @@ func (w *rrWorkload) finish(t *testing.T) {
 		dlMax, dlSum = max(dlMax, m), dlSum+m
 	}
 	if len(w.ds) > 0 {
-		t.Logf("downloads: longest wait for data per flow: max %s, mean %s",
+		t.Logf("downloads: longest wait for data per flow during the scenario: max %s, mean %s",
 			time.Duration(dlMax).Round(time.Millisecond), time.Duration(dlSum/int64(len(w.ds))).Round(time.Millisecond))
 	}
 	for _, e := range w.es {

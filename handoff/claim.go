@@ -159,6 +159,18 @@ func (e *Engine) handOver(k FlowKey, claimer string, epoch uint64) *batonv1.Clai
 		unhold()
 		return refuse(claimNotOwner)
 	}
+	e.resMu.Lock()
+	_, pending := e.resumes[k]
+	e.resMu.Unlock()
+	if pending {
+		// Restored here but not yet taken by the accept loop (a loaded
+		// node): its service has not started and its endpoint may still
+		// sit in the listener's queue, where an abort would leave the
+		// 4-tuple taken and reset this node's next synthetic SYN for it.
+		// The claimer tries again shortly.
+		unhold()
+		return refuse(claimBusy)
+	}
 	if sy := e.r.repl.sync.Load(); sy != nil {
 		sy.attachOutput(k, st) // sync mode: the output the client lacks (sync.go)
 	}
