@@ -6,9 +6,10 @@ package e2e
 // bounded; measured times are logged (and reported by
 // BenchmarkWithdrawal), never asserted.
 //
-// Issue 5's scenario (b), a rolling restart with drain while flows
-// migrate, needs the takeover engine; it is not here. Scenario (a) checks
-// the announcement only, not flow migration, for the same reason.
+// The scenarios with flows that must survive are elsewhere: (a) with
+// downloads and echo sessions in health_flows_test.go, (b) the rolling
+// restart and (c) kill -9 with flows in restart_test.go. Here: the
+// announcement side of each.
 
 import (
 	"bufio"
@@ -433,8 +434,8 @@ func TestDrainWithdraws(t *testing.T) {
 }
 
 // TestSIGTERMWithdrawsThenWaitsForFlows: SIGTERM withdraws at once, then
-// batond waits until it owns no flow (here the flow idles out: there is no
-// takeover yet to move it) before it stops; with -drain-timeout 0 it stops
+// batond waits until it owns no flow (here, without a cluster to hand it
+// to, the flow idles out) before it stops; with -drain-timeout 0 it stops
 // at once even with a flow.
 func TestSIGTERMWithdrawsThenWaitsForFlows(t *testing.T) {
 	t.Parallel()
