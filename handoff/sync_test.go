@@ -123,9 +123,11 @@ func TestSyncEchoCrashLossless(t *testing.T) {
 	}
 }
 
-// Without sync mode the same crash cannot continue exactly: the flow is
-// reset, or it stalls (the client's echo never comes). It must never
-// deliver wrong bytes.
+// Without sync mode the same crash cannot continue exactly: the replicas'
+// state is behind what the client saw acknowledged (it does not send that
+// input again), so the flow must be reset (takeover_ahead.go: client_ahead,
+// or cannot_resume when the replicas hold the owed state), never hang
+// and never deliver wrong bytes.
 func TestSyncEchoCrashAsyncFails(t *testing.T) {
 	l, err := echoCrash(t, false)
 	if err == nil {
@@ -134,7 +136,19 @@ func TestSyncEchoCrashAsyncFails(t *testing.T) {
 	if errors.Is(err, errEchoMismatch) {
 		t.Fatalf("wrong bytes: %v", err)
 	}
-	t.Logf("without sync mode: %v (client resets: %d)", err, l.resets())
+	if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("the client hung instead of being reset: %v", err)
+	}
+	if n := l.resets(); n == 0 {
+		t.Fatalf("the client got no reset (%v)", err)
+	}
+	ahead := l.sum(func(s TakeoverStats) uint64 { return s.Failures[reasonClientAhead] })
+	cannot := l.sum(func(s TakeoverStats) uint64 { return s.Failures[reasonCannotResume] })
+	rsts := l.sum(func(s TakeoverStats) uint64 { return s.RSTs[reasonClientAhead] + s.RSTs[reasonCannotResume] })
+	if ahead+cannot == 0 || rsts == 0 {
+		t.Fatalf("no failure or reset counted as client_ahead or cannot_resume (failures %d+%d, resets %d)", ahead, cannot, rsts)
+	}
+	t.Logf("without sync mode: %v (client resets: %d, client_ahead %d, cannot_resume %d)", err, l.resets(), ahead, cannot)
 }
 
 var errEchoMismatch = errors.New("echo differs from what was sent")

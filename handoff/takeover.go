@@ -180,6 +180,8 @@ type flowEntry struct {
 	how       string    // the last restore's kind (latency label)
 	lastUsed  atomic.Int64
 
+	ahead atomic.Pointer[aheadWatch] // crash restores (takeover_ahead.go)
+
 	mu      sync.Mutex
 	queue   [][]byte
 	synSeq  uint32
@@ -607,7 +609,7 @@ func (e *Engine) janitor() {
 		case <-t.C:
 		}
 		now := time.Now()
-		var expired, reset []*flowEntry
+		var expired, reset, ahead []*flowEntry
 		for i := range e.shards {
 			sh := &e.shards[i]
 			sh.mu.RLock()
@@ -616,6 +618,8 @@ func (e *Engine) janitor() {
 					expired = append(expired, f)
 				} else if f.get() == esReset {
 					reset = append(reset, f)
+				} else if f.ahead.Load() != nil {
+					ahead = append(ahead, f)
 				}
 			}
 			sh.mu.RUnlock()
@@ -625,6 +629,9 @@ func (e *Engine) janitor() {
 		}
 		for _, f := range reset {
 			e.reprobe(f, now)
+		}
+		for _, f := range ahead {
+			e.checkAhead(f, now)
 		}
 	}
 }

@@ -113,6 +113,7 @@ func (h *innerHook) inboundEntry(f *flowEntry, p *stack.Packet, seg *tcpSegment,
 	e := h.e
 	switch s := f.get(); s {
 	case esActive:
+		aheadInbound(f, seg) // crash restores only (takeover_ahead.go)
 		if tr := f.tr.Load(); tr != nil {
 			c := f.clamp()
 			tr.Inbound(p.Data, &c)
@@ -274,6 +275,7 @@ func (h *innerHook) outboundActive(f *flowEntry, p *stack.Packet, seg *tcpSegmen
 	if tr == nil {
 		return
 	}
+	aheadOutbound(f, seg)
 	end := seg.seq + seg.seqLen()
 	for {
 		cur := f.maxSent.Load()

@@ -220,6 +220,7 @@ func (e *Engine) restore(ctx context.Context, ent *flowEntry, s *batonv1.FlowSta
 	ent.tr.Store(tr)
 	ent.synCh = nil
 	q := e.takeQueueLocked(ent)
+	e.armAhead(ent, s, r, syn.seq+1) // a crash restore's client may be ahead (takeover_ahead.go)
 	e.setStateLocked(ent, esActive)
 	ent.mu.Unlock()
 
@@ -239,6 +240,7 @@ func (e *Engine) restore(ctx context.Context, ent *flowEntry, s *batonv1.FlowSta
 		// The tracker did not know the flow when these arrived.
 		p := stack.Packet{Dir: stack.Inbound, Data: pkt}
 		e.tr.Inbound(&p)
+		e.noteAheadPacket(ent, pkt)
 		c := ent.clamp()
 		tr.Inbound(pkt, &c)
 		if e.inj.InjectInbound(pkt) == nil {
