@@ -101,6 +101,9 @@ type tkConfig struct {
 	// coalesce sets the replicator's coalesce window (0: default).
 	syncMode bool
 	coalesce time.Duration
+	// ignoreClient is the trackers' IgnoreClient (the node's own
+	// addresses in batond).
+	ignoreClient func(netip.Addr) bool
 }
 
 type tkLab struct {
@@ -199,7 +202,7 @@ func (l *tkLab) startNode(name string, peers []Peer, lis net.Listener, pki strin
 	if err := st.ServeTCP(tkStreamPort, svc); err != nil {
 		t.Fatal(err)
 	}
-	tr := NewTracker(TrackerConfig{Node: name, Prefixes: st.Prefixes(), ServiceFor: st.TCPServiceName, Logger: log})
+	tr := NewTracker(TrackerConfig{Node: name, Prefixes: st.Prefixes(), ServiceFor: st.TCPServiceName, Logger: log, IgnoreClient: cfg.ignoreClient})
 	tm, err := LoadTLS(filepath.Join(pki, "ca.pem"), filepath.Join(pki, name+".pem"), filepath.Join(pki, name+"-key.pem"))
 	if err != nil {
 		t.Fatal(err)

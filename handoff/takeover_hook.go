@@ -95,6 +95,12 @@ func (h *innerHook) inbound(p *stack.Packet, seg *tcpSegment, intercept bool) st
 	if e.closed.Load() {
 		return stack.Pass
 	}
+	if ig := e.tr.cfg.IgnoreClient; ig != nil && ig(seg.key.Client.Addr()) {
+		// This node's own client (a health probe): its flows live and
+		// die here, so a late packet of one is no takeover (no lookup in
+		// the cluster, no "unknown" RST counted): the stack answers it.
+		return stack.Pass
+	}
 	f, _ := e.entry(seg.key, esDeciding)
 	return h.inboundEntryOrPass(f, p, seg)
 }
