@@ -51,7 +51,10 @@ package handoff
 // client_ahead. A service that can continue at the corrected offset (a
 // stream download whose request is checkpointed: it ignores later input)
 // keeps the flow: its output continues exactly, only client bytes beyond
-// the gap (none, for such a service) could not reach it.
+// the gap (none, for such a service) could not reach it; the watch stays,
+// and a later episode (the client sending data) is judged again. Without
+// data beyond rin, the last sequence slot is not counted as input: it may
+// be a FIN the owner acknowledged.
 //
 // Not covered: a client that sends nothing at all (a receive-only client
 // whose request the owner acknowledged but the replicas never saw, and
@@ -95,8 +98,11 @@ type aheadWatch struct {
 	lastAck atomic.Uint32 // the client's latest ack (client space)
 	haveAck atomic.Bool
 	beyond  atomic.Uint32 // client segments beyond rin
+	data    atomic.Bool   // one of them carried data
+	fin     atomic.Bool   // one of them carried a FIN
 	repeats atomic.Uint32 // data segments beyond rin repeating sent bytes
 	first   atomic.Int64  // ns: the first beyond segment (0: none yet)
+	okInput atomic.Uint64 // the highest corrected input offset the service accepted
 }
 
 func newAheadWatch(s *batonv1.FlowState, r services.Resume, rin uint32, now time.Time) *aheadWatch {
@@ -137,6 +143,14 @@ func (w *aheadWatch) note(seq, ack uint32, flags header.TCPFlags, seqLen uint32,
 	if seqLen > 0 && tcpSeqAfter(high, seq) {
 		w.repeats.Add(1) // bytes it sent here before: a retransmission
 	}
+	if flags&header.TCPFlagFin != 0 && !w.fin.Load() {
+		w.fin.Store(true)
+	}
+	if seqLen > 1 || (seqLen == 1 && flags&header.TCPFlagFin == 0) {
+		if !w.data.Load() {
+			w.data.Store(true)
+		}
+	}
 	if w.beyond.Add(1) == 1 {
 		w.minSeq.Store(seq)
 		w.first.Store(now)
@@ -163,11 +177,26 @@ func (w *aheadWatch) verdict(now int64) bool {
 }
 
 // corrected is the resume at the client's input position: the lowest
-// beyond sequence number seen.
+// beyond sequence number seen. Without data beyond rin the last sequence
+// slot may be a FIN the owner acknowledged (a half-closed client sends
+// pure acks after it), not an input byte: it is not counted.
 func (w *aheadWatch) corrected() services.Resume {
+	d := uint64(w.minSeq.Load() - w.rin)
+	if !w.data.Load() && !w.fin.Load() && d > 0 {
+		d--
+	}
 	r := w.r
-	r.InputOffset += uint64(w.minSeq.Load() - w.rin)
+	r.InputOffset += d
 	return r
+}
+
+// restart forgets the evidence: the next episode is judged afresh.
+func (w *aheadWatch) restart() {
+	w.first.Store(0)
+	w.beyond.Store(0)
+	w.repeats.Store(0)
+	w.data.Store(false)
+	w.fin.Store(false)
 }
 
 // needsAhead reports whether a restore from s must be watched: every
@@ -232,15 +261,22 @@ func (e *Engine) checkAhead(f *flowEntry, now time.Time) {
 	if w == nil || f.get() != esActive || !w.verdict(now.UnixNano()) {
 		return
 	}
-	if !f.ahead.CompareAndSwap(w, nil) {
-		return
-	}
 	r := w.corrected()
 	k := f.key
 	err := e.canResume(k, r)
 	if err == nil {
-		e.log.Info("takeover: client ahead of the restored state, the service continues",
-			"flow", k.String(), "input_offset", w.r.InputOffset, "client_input_offset", r.InputOffset)
+		// The service does not need the missing input. Keep watching: if
+		// the client later shows more input ahead (it sends data), judge
+		// again with that evidence.
+		w.restart()
+		if r.InputOffset > w.okInput.Load() {
+			w.okInput.Store(r.InputOffset)
+			e.log.Info("takeover: client ahead of the restored state, the service continues",
+				"flow", k.String(), "input_offset", w.r.InputOffset, "client_input_offset", r.InputOffset)
+		}
+		return
+	}
+	if !f.ahead.CompareAndSwap(w, nil) {
 		return
 	}
 	e.log.Info("takeover: client ahead of the restored state, flow reset", "flow", k.String(),

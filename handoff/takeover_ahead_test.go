@@ -58,10 +58,16 @@ func TestAheadWatchVerdict(t *testing.T) {
 		}, 2 * wait, false, 9000},
 		{"pure acks beyond (client has unacked input), before 3 waits", []aheadSeg{
 			{0, 500, 0, aA}, {10 * time.Millisecond, 500, 0, aA}, {20 * time.Millisecond, 500, 0, aA}, {30 * time.Millisecond, 500, 0, aA},
-		}, aheadWeakFactor*wait - time.Millisecond, false, 500},
+		}, aheadWeakFactor*wait - time.Millisecond, false, 499},
 		{"pure acks beyond with no fill for 3 waits", []aheadSeg{
 			{0, 500, 0, aA}, {10 * time.Millisecond, 500, 0, aA}, {20 * time.Millisecond, 500, 0, aA},
-		}, aheadWeakFactor * wait, true, 500},
+		}, aheadWeakFactor * wait, true, 499},
+		{"pure acks one past rin: an acknowledged FIN, not input", []aheadSeg{
+			{0, 1, 0, aA}, {10 * time.Millisecond, 1, 0, aA}, {20 * time.Millisecond, 1, 0, aA},
+		}, aheadWeakFactor * wait, true, 0},
+		{"FIN retransmitted beyond rin: the bytes before it are input", []aheadSeg{
+			{0, 700, 1, aA | header.TCPFlagFin}, {300 * time.Millisecond, 700, 1, aA | header.TCPFlagFin}, {900 * time.Millisecond, 700, 1, aA | header.TCPFlagFin},
+		}, wait, true, 700},
 		{"client at rin: retransmissions there are never beyond", []aheadSeg{
 			{0, 0, 1460, aAP}, {200 * time.Millisecond, 0, 1460, aAP}, {600 * time.Millisecond, 0, 1460, aAP}, {time.Second, 1460, 0, aA},
 		}, 10 * wait, false, 0},
@@ -91,7 +97,7 @@ func TestAheadWatchVerdict(t *testing.T) {
 				if got := w.verdict(t0 + int64(tc.at)); got != tc.want {
 					t.Fatalf("verdict %v, want %v (beyond %d, repeats %d)", got, tc.want, w.beyond.Load(), w.repeats.Load())
 				}
-				if tc.minD > 0 {
+				if tc.want {
 					if got := w.corrected().InputOffset; got != 3000+uint64(tc.minD) {
 						t.Fatalf("corrected input offset %d, want %d", got, 3000+tc.minD)
 					}
@@ -179,12 +185,14 @@ func TestCheckAheadByService(t *testing.T) {
 		r       services.Resume
 		reset   bool
 		verdict bool
+		finOnly bool // pure acks one past rin instead of retransmissions
 	}{
-		{"echo ahead: reset", echoService, services.Resume{InputOffset: 3000, OutputOffset: 3000}, true, true},
+		{"echo ahead: reset", echoService, services.Resume{InputOffset: 3000, OutputOffset: 3000}, true, true, false},
 		{"stream ahead, checkpointed: continues", nil,
-			services.Resume{InputOffset: uint64(len(req)), OutputOffset: 4000, Checkpoint: []byte(req)}, false, true},
-		{"stream ahead, request not checkpointed: reset", nil, services.Resume{}, true, true},
-		{"echo, not enough evidence yet: nothing", echoService, services.Resume{InputOffset: 3000, OutputOffset: 3000}, false, false},
+			services.Resume{InputOffset: uint64(len(req)), OutputOffset: 4000, Checkpoint: []byte(req)}, false, true, false},
+		{"stream ahead, request not checkpointed: reset", nil, services.Resume{}, true, true, false},
+		{"echo, not enough evidence yet: nothing", echoService, services.Resume{InputOffset: 3000, OutputOffset: 3000}, false, false, false},
+		{"echo, only an acknowledged FIN ahead: continues", echoService, services.Resume{InputOffset: 3000, OutputOffset: 3000}, false, true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			l := newTkLab(t, tkConfig{nodes: 1, service: tc.svc})
@@ -198,10 +206,17 @@ func TestCheckAheadByService(t *testing.T) {
 			w := newAheadWatch(s, tc.r, rin, now)
 			f.ahead.Store(w)
 			t0 := now.Add(-2 * aheadWait).UnixNano()
-			w.note(rin+9000, 4242, aAP, 1460, t0)
-			w.note(rin+9000, 4242, aAP, 1460, t0)
-			if tc.verdict {
-				w.note(rin+9000, 4343, aAP, 1460, t0)
+			switch {
+			case tc.finOnly:
+				for range 3 {
+					w.note(rin+1, 4343, aA, 0, t0-int64(aheadWeakFactor*aheadWait))
+				}
+			default:
+				w.note(rin+9000, 4242, aAP, 1460, t0)
+				w.note(rin+9000, 4242, aAP, 1460, t0)
+				if tc.verdict {
+					w.note(rin+9000, 4343, aAP, 1460, t0)
+				}
 			}
 			e.checkAhead(f, now)
 			ahead := e.Stats().Failures[reasonClientAhead]
@@ -220,8 +235,11 @@ func TestCheckAheadByService(t *testing.T) {
 			if f.get() != esActive || ahead != 0 {
 				t.Fatalf("state %v, client_ahead failures %d: want the flow left active", f.get(), ahead)
 			}
-			if got := f.ahead.Load() != nil; got == tc.verdict {
-				t.Fatalf("watch kept %v after a verdict %v", got, tc.verdict)
+			// The watch stays (a later episode is judged again), its
+			// evidence forgotten after a verdict.
+			w2 := f.ahead.Load()
+			if w2 != w || (w.first.Load() == 0) != tc.verdict {
+				t.Fatalf("watch %p (was %p), first %d after a verdict %v", w2, w, w.first.Load(), tc.verdict)
 			}
 		})
 	}
