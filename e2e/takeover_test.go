@@ -203,9 +203,9 @@ func takeoverMetrics(ctx context.Context, l *lab.Lab, i int) string {
 // replicated state).
 //
 // The nodes run with -tun-offload: on the default (water) device, one
-// packet per syscall, the 20 x 200 MB took 84 s on a 2-core machine, 19 s
-// with offload. The other takeover scenarios (rehash, flap, forward,
-// cannot-resume) run on the default device.
+// packet per syscall, the 20 x 200 MB took 84 s on a shared 2-core
+// machine, 19-40 s with offload. The other takeover scenarios (rehash,
+// flap, forward, cannot-resume) run on the default device.
 func TestTakeoverDrainAndKill(t *testing.T) {
 	ctx := testCtx(t)
 	c := startCluster(t, ctx, 3, "btk", 2, nil, "-tun-offload")
