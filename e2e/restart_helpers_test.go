@@ -66,7 +66,10 @@ func rrStartCluster(t *testing.T, ctx context.Context, n int, prefix string, ext
 	// the departure handover.
 	c := &rrCluster{Lab: l, t: t, ctx: ctx, procs: make([]*lab.Proc, n), admins: make([]batonv1.AdminClient, n),
 		extra: append([]string{"-drain-timeout", "30s", "-check-interval", "500ms", "-check-timeout", "500ms",
-			"-check-fall", "5", "-log-level", "debug"}, extra...)}
+			"-check-fall", "5"}, extra...)}
+	if os.Getenv("BATON_E2E_DEBUG") != "" { // every takeover in the node logs
+		c.extra = append([]string{"-log-level", "debug"}, c.extra...)
+	}
 	t.Cleanup(func() { // before the lab's teardown
 		if t.Failed() {
 			c.logMetrics()
