@@ -151,9 +151,9 @@ func (w *aheadWatch) note(seq, ack uint32, flags header.TCPFlags, seqLen uint32,
 			w.data.Store(true)
 		}
 	}
-	if w.beyond.Add(1) == 1 {
-		w.minSeq.Store(seq)
-		w.first.Store(now)
+	w.beyond.Add(1)
+	if w.first.Load() == 0 && w.first.CompareAndSwap(0, now) {
+		w.minSeq.Store(seq) // the episode's first beyond segment
 		return
 	}
 	for cur := w.minSeq.Load(); tcpSeqAfter(cur, seq); cur = w.minSeq.Load() {
