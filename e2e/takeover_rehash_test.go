@@ -15,7 +15,7 @@ import (
 func TestTakeoverRehashAddition(t *testing.T) {
 	const (
 		flows = 50
-		size  = 40 << 20
+		size  = 24 << 20
 	)
 	ctx := testCtx(t)
 	c := startCluster(t, ctx, 4, "btkb", 2, []int{0, 1, 2})
