@@ -68,11 +68,15 @@ func TestJoinCheck(t *testing.T) {
 		if err := spec.Probe(context.Background()); err == nil {
 			t.Fatal("join check passed before the peer answered")
 		}
-		startRepl(t, "n2", l2, []handoff.Peer{{Name: "n1", Addr: a1}})
-		waitProbe(t, spec.Probe)
-		if ps := r1.Peers(); !ps[0].Up {
-			t.Fatalf("join passed with the peer down: %+v", ps[0])
+		r2 := startRepl(t, "n2", l2, []handoff.Peer{{Name: "n1", Addr: a1}})
+		waitProbe(t, spec.Probe) // up, or a dial in startRepl's gap failed: both let it join
+		for range 200 {
+			if r2.Peers()[0].Up && r1.Peers()[0].Up {
+				return
+			}
+			time.Sleep(25 * time.Millisecond)
 		}
+		t.Fatalf("peers not up: %+v", r1.Peers()[0])
 	})
 	t.Run("peer not running", func(t *testing.T) {
 		l1, l2 := listenLocal(t), listenLocal(t)
