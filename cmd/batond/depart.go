@@ -33,7 +33,20 @@ const (
 	// departSettleMax caps the settling time before the departure
 	// handover (a quarter of the drain timeout when that is shorter).
 	departSettleMax = time.Second
+	// departRounds bounds the departure handover's rounds.
+	departRounds = 3
 )
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
 
 // joinCheck is the join check (see the file comment); nil without a
 // cluster.
@@ -83,6 +96,14 @@ func (d *daemon) depart(ctx context.Context, settle time.Duration) {
 	if none || ctx.Err() != nil {
 		return
 	}
-	d.log.Info("departure handover: handing the flows still owned to their successors", "flows", d.tracker.Len())
-	d.repl.Engine().Depart(ctx) // it logs what it did
+	// A few rounds: a flow this node was still taking over when Depart
+	// listed its flows becomes owned afterwards, and a flow no successor
+	// could take a moment ago may be taken now.
+	for round := 0; round < departRounds && d.tracker.Len() > 0 && ctx.Err() == nil; round++ {
+		if round > 0 && sleepCtx(ctx, 100*time.Millisecond) != nil {
+			return
+		}
+		d.log.Info("departure handover: handing the flows still owned to their successors", "flows", d.tracker.Len(), "round", round+1)
+		d.repl.Engine().Depart(ctx) // it logs what it did
+	}
 }
