@@ -108,8 +108,8 @@ func (e *Engine) handleClaim(ctx context.Context, caller string, req *batonv1.Cl
 // restoreForClaim restores k first when this node is the designated
 // replica of its dead owner, and reports whether it did.
 func (e *Engine) restoreForClaim(ctx context.Context, k FlowKey) bool {
-	st, ok := e.r.store.Lookup(k)
-	if !ok || e.alive(st.Owner) || e.designated(k, st.Owner) != e.self {
+	st, ok := e.designatedState(ctx, k) // takeover_designated.go
+	if !ok {
 		return false
 	}
 	run := e.startPush(k, st)
