@@ -46,6 +46,8 @@ type replicator struct {
 
 	view      atomic.Pointer[placementView]
 	resyncReq chan resyncRequest
+	// urgent cuts the coalesce window short (kick).
+	urgent chan struct{}
 	// sync is the sync replication mode (sync.go), nil when off.
 	sync atomic.Pointer[Sync]
 
@@ -70,6 +72,7 @@ func newReplicator(r *Replication) *replicator {
 		k:         r.cfg.Replicas,
 		links:     make([]*link, len(r.placer.names)),
 		resyncReq: make(chan resyncRequest),
+		urgent:    make(chan struct{}, 1),
 		placed:    make(map[FlowKey]placedFlow),
 	}
 	for _, l := range r.links {
@@ -98,6 +101,8 @@ func (rp *replicator) run(ctx context.Context) {
 					t.Stop()
 					return
 				case <-t.C:
+				case <-rp.urgent:
+					t.Stop()
 				}
 			}
 			rp.take()
@@ -107,6 +112,17 @@ func (rp *replicator) run(ctx context.Context) {
 			rp.syncMembers()
 			rp.serveResync(req)
 		}
+	}
+}
+
+// kick makes the replicator send the changes it is coalescing now rather
+// than at the end of its window: something waits for them (a packet held
+// in sync mode, sync_hold.go). A kick while no window is open ends the
+// next one at once. Never blocks.
+func (rp *replicator) kick() {
+	select {
+	case rp.urgent <- struct{}{}:
+	default:
 	}
 }
 

@@ -61,9 +61,12 @@ package handoff
 // packets to the covered ack, instead of holding them, would remove it.
 //
 // Measured (BenchmarkSyncReplication, 3 in-process nodes, 2 replicas):
-// 64-byte echo round trip p50 ~40 us async, ~1.5 ms sync (the 1 ms coalesce
-// window), ~0.11-0.23 ms sync without coalescing; 4 MiB echo ~20-40 MB/s
-// async, ~6 MB/s sync.
+// 64-byte echo round trip p50 ~40 us async, ~1.5 ms sync when a held
+// packet waited for the replicator's 1 ms coalesce window; a hold now ends
+// the window at once (replicator.kick): ~0.19-0.21 ms, like sync without
+// coalescing (0.12-0.21 ms). 4 MiB echo ~5-55 MB/s async; sync is bimodal
+// on a loaded 2-core machine, ~5 MB/s or ~0.1 MB/s when held packets wait
+// for HoldTimeout (the bulk-echo limit below), with or without the kick.
 //
 // Cost on the fast path: flows of async services pay a port lookup after
 // the segment parse; sync flows pay one shard lock per packet, a payload
@@ -186,7 +189,11 @@ type Sync struct {
 	prefixes []netip.Prefix
 	seed     uint64
 	has      func(FlowKey) bool // the tracker has the flow
-	shards   [syncShards]syncShard
+	// coalesceHolds: a hold waits for the replicator's coalesce window
+	// like any change, as it once did (the benchmark's comparison); by
+	// default it ends the window at once (replicator.kick).
+	coalesceHolds atomic.Bool
+	shards        [syncShards]syncShard
 
 	small, large sync.Pool // *[]byte: small for MTU-sized packets
 

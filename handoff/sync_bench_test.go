@@ -3,7 +3,8 @@ package handoff
 // What sync replication mode costs: echo round-trip latency and echo
 // throughput through a three-node in-process lab (real gVisor stacks,
 // loopback gRPC with mutual TLS, two replicas), async against sync, and
-// sync without the replicator's 1 ms coalesce window.
+// sync without the replicator's 1 ms coalesce window; "sync-holdwaits" is
+// sync as it was before a held packet cut the coalesce window short.
 //
 //	go test ./handoff/ -run '^$' -bench SyncReplication -benchtime 2000x
 //
@@ -35,15 +36,19 @@ func BenchmarkSyncReplication(b *testing.B) {
 		name     string
 		sync     bool
 		coalesce time.Duration
+		// holdWaits: a held packet waits for the coalesce window to
+		// end, as before holds kicked the replicator.
+		holdWaits bool
 	}{
-		{"async", false, 0},
-		{"sync", true, 0},
-		{"sync-nocoalesce", true, -1},
+		{"async", false, 0, false},
+		{"sync-holdwaits", true, 0, true},
+		{"sync", true, 0, false},
+		{"sync-nocoalesce", true, -1, false},
 	}
 	results := map[string]syncBenchResult{}
 	for _, v := range variants {
 		b.Run(v.name, func(b *testing.B) {
-			r := syncBench(b, v.sync, v.coalesce)
+			r := syncBench(b, v.sync, v.coalesce, v.holdWaits)
 			r.name = v.name
 			results[v.name] = r // the last run (largest b.N) wins
 		})
@@ -59,8 +64,13 @@ func BenchmarkSyncReplication(b *testing.B) {
 	}
 }
 
-func syncBench(b *testing.B, syncMode bool, coalesce time.Duration) syncBenchResult {
+func syncBench(b *testing.B, syncMode bool, coalesce time.Duration, holdWaits bool) syncBenchResult {
 	l := newTkLab(b, tkConfig{nodes: 3, service: echoService, syncMode: syncMode, coalesce: coalesce})
+	for _, n := range l.nodes {
+		if n.sy != nil {
+			n.sy.coalesceHolds.Store(holdWaits)
+		}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	c, err := l.client.DialTCP(ctx, tkDst4)

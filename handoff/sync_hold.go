@@ -88,6 +88,13 @@ func (h *syncHoldHook) Outbound(p *stack.Packet) stack.Verdict {
 	s.heldPkts.Add(1)
 	s.heldBytes.Add(int64(pk.n))
 	s.m.held.Add(1)
+	if !s.coalesceHolds.Load() {
+		// The state that covers it is in the tracker's changes: send
+		// it now rather than at the end of the coalesce window (an
+		// exchange waits for it). Safety is the same either way: the
+		// packet leaves only once a replica acknowledged its state.
+		s.r.repl.kick()
+	}
 	return stack.Consume
 }
 

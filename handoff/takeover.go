@@ -203,7 +203,11 @@ type flowEntry struct {
 	lastWnd   uint16
 	lastTS    uint32
 	haveTS    bool
-	prevHold  entryState // state to return to when a hand-over is refused
+	prevHold  entryState    // state to return to when a hand-over is refused
+	aborted   chan struct{} // closed once the connection handed over is aborted (claim.go)
+
+	phaseAt [tracePhases]atomic.Int64 // unix ns of this takeover's phases (takeover_trace.go)
+	retries atomic.Uint32
 }
 
 func (f *flowEntry) get() entryState { return entryState(f.state.Load()) }
@@ -259,6 +263,8 @@ type Engine struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	closed atomic.Bool
+
+	tracer atomic.Pointer[Tracer] // takeover_trace.go
 
 	fwdMu sync.Mutex
 	fwds  map[string]*forwarder
@@ -578,6 +584,7 @@ func (e *Engine) TakeResume(client, anycast netip.AddrPort) (services.Resume, bo
 		return services.Resume{}, false
 	}
 	close(pr.taken)
+	e.trace(k, PhaseAccepted, "")
 	return pr.r, true
 }
 

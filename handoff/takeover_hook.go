@@ -299,7 +299,9 @@ func (h *innerHook) outboundActive(f *flowEntry, p *stack.Packet, seg *tcpSegmen
 		}
 	}
 	if seg.payloadLen > 0 && !f.firstByte.Swap(true) {
-		h.e.m.latency(f.how, time.Since(f.trigger))
+		lat := time.Since(f.trigger)
+		h.e.m.latency(f.how, lat)
+		h.e.traceFirstByte(f, lat)
 	}
 }
 

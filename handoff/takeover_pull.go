@@ -36,6 +36,33 @@ import (
 // most one claim).
 const maxPullRounds = 24
 
+// Retry pacing of the decision loop. A refusal with a hint (not_owner:
+// the flow moved on, the refuser says where) is new information and is
+// followed at once, up to pullPace.hints times in a row (two nodes
+// pointing at each other must not burn the rounds). Any other failed
+// round (busy, stale epoch, an RPC error, a stale copy) waits before the
+// next: 1 ms, doubling, up to 20 ms x round (at most 200 ms; it was
+// 20 ms x round from the first retry), so that a short-lived condition (a
+// claim or restore under way elsewhere, a replica lagging by a coalesce
+// window) costs about a millisecond, while the rounds still span seconds
+// in all, time for the membership to notice a dying owner.
+type pullPacing struct {
+	hints             int // hints followed at once in a row
+	first, step, most time.Duration
+	movedHint         bool // a flow handed over from here asks its new owner first
+}
+
+// pullPace is the decision loop's pacing (a variable for the latency
+// benchmark, which compares it with the former fixed 20 ms x round and
+// no hint from a hand-over).
+var pullPace = pullPacing{hints: 2, first: time.Millisecond, step: 20 * time.Millisecond, most: 200 * time.Millisecond, movedHint: true}
+
+// retryDelay is the wait before round (> 0) after a failed round.
+func (p pullPacing) retryDelay(round int) time.Duration {
+	d := p.first << min(round-1, 16)
+	return min(d, p.step*time.Duration(round), p.most)
+}
+
 // startPull starts the takeover of an intercepted flow.
 func (e *Engine) startPull(f *flowEntry) {
 	run := e.startRun(f, func(ctx context.Context) error { return e.pullRun(ctx, f) })
@@ -48,6 +75,14 @@ func (e *Engine) startPull(f *flowEntry) {
 
 // pullRun is the takeover goroutine of an intercepted flow.
 func (e *Engine) pullRun(ctx context.Context, f *flowEntry) error {
+	f.resetPhases()
+	if e.tracer.Load() != nil {
+		f.mu.Lock()
+		at := f.trigger
+		f.mu.Unlock()
+		e.traceAt(f.key, PhaseIntercepted, at, "")
+	}
+	e.trace(f.key, PhaseDecide, "")
 	s, err := e.pull(ctx, f)
 	switch {
 	case err == nil:
@@ -85,10 +120,28 @@ func (e *Engine) pull(ctx context.Context, f *flowEntry) (*batonv1.FlowState, er
 	var (
 		known *batonv1.FlowState // the last full state seen
 		hint  *batonv1.FlowState // owner/epoch only, from a refusal
+		hints int                // rounds in a row that ended with a hint
 	)
+	// A flow this node handed over (esMoved) knows where it went: ask
+	// there first, unless a newer replica says where it went since.
+	// While the new owner restores it, its state is nowhere else to be
+	// found (this node's replication closed it, the new owner's has not
+	// started), so a locate would answer "unknown" and reset a live flow
+	// (a late packet of its client, measured in the latency benchmark).
+	f.mu.Lock()
+	owner, epoch := f.owner, f.epoch
+	f.mu.Unlock()
+	if owner != "" && owner != e.self && pullPace.movedHint {
+		if st, ok := e.r.store.Lookup(k); !ok || st.Epoch <= epoch {
+			hint = &batonv1.FlowState{Key: k.Proto(), Owner: owner, Epoch: epoch}
+		}
+	}
 	for round := 0; round < maxPullRounds; round++ {
-		if round > 0 {
-			if err := sleepCtx(ctx, time.Duration(min(round, 10))*20*time.Millisecond); err != nil {
+		if hint != nil && hints < pullPace.hints {
+			hints++ // follow it at once
+		} else if round > 0 {
+			hints = 0
+			if err := sleepCtx(ctx, pullPace.retryDelay(round)); err != nil {
 				return known, fail(reasonTimeout, "deciding: %v", err)
 			}
 		}
@@ -96,6 +149,7 @@ func (e *Engine) pull(ctx context.Context, f *flowEntry) (*batonv1.FlowState, er
 		hint = nil
 		if s == nil {
 			s = e.locate(ctx, k, round > 0)
+			e.trace(k, PhaseLocated, "")
 			if s == nil {
 				if known == nil {
 					return nil, errUnknown
@@ -115,6 +169,7 @@ func (e *Engine) pull(ctx context.Context, f *flowEntry) (*batonv1.FlowState, er
 				return known, nil
 			}
 			if round < 2 {
+				e.trace(k, PhaseRetry, "stale local copy owned by self")
 				continue // our copy is stale: look again, wider
 			}
 			return known, fail(reasonNoState, "flow owned by this node at epoch %d but gone from its stack", s.Epoch)
@@ -126,6 +181,7 @@ func (e *Engine) pull(ctx context.Context, f *flowEntry) (*batonv1.FlowState, er
 			}
 			resp, err := e.claimFrom(ctx, owner, k, s.Epoch+1)
 			if err != nil {
+				e.trace(k, PhaseRetry, "claim error: "+err.Error())
 				continue // the owner may be dying: liveness decides next round
 			}
 			if resp.Granted {
@@ -138,7 +194,9 @@ func (e *Engine) pull(ctx context.Context, f *flowEntry) (*batonv1.FlowState, er
 				return known, nil
 			case claimNotOwner:
 				hint = hintFrom(k, resp)
+				e.trace(k, PhaseRetry, "not_owner, hint "+resp.OwnerHint)
 			case claimBusy, claimStaleEpoch, claimNoTakeover:
+				e.trace(k, PhaseRetry, resp.Reason)
 			default:
 				return known, fail(reasonClaimRefused, "owner %s refused: %s", owner, resp.Reason)
 			}

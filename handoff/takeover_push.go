@@ -110,6 +110,7 @@ func (e *Engine) startPush(k FlowKey, st *batonv1.FlowState) *takeoverRun {
 	}
 	f.mu.Unlock()
 	return e.startRun(f, func(ctx context.Context) error {
+		f.resetPhases()
 		err := e.restore(ctx, f, withEpoch(st, st.Epoch+1), HowPush, false, nil)
 		if err != nil && e.ctx.Err() != nil {
 			e.drop(f)

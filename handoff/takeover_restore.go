@@ -108,6 +108,9 @@ func (e *Engine) restore(ctx context.Context, ent *flowEntry, s *batonv1.FlowSta
 	if err := e.canResume(k, r); err != nil {
 		return err
 	}
+	if err := e.waitAborted(ctx, ent); err != nil { // a hand-over from here (claim.go)
+		return err
+	}
 	start := time.Now()
 
 	// The synthetic SYN (synth.go). Its ISN makes the new stack expect the
@@ -158,6 +161,7 @@ func (e *Engine) restore(ctx context.Context, ent *flowEntry, s *batonv1.FlowSta
 		cleanup()
 		return fail(reasonRestoreFailed, "injecting the SYN: %v", err)
 	}
+	e.trace(k, PhaseSynInjected, "")
 	var sa synAck
 	t := time.NewTimer(restoreTimeout)
 	select {
@@ -171,6 +175,7 @@ func (e *Engine) restore(ctx context.Context, ent *flowEntry, s *batonv1.FlowSta
 		cleanup()
 		return fail(reasonTimeout, "no SYN-ACK from the stack: %v", ctx.Err())
 	}
+	e.trace(k, PhaseSynAck, "")
 	if sa.rst {
 		cleanup()
 		return fail(reasonRestoreFailed, "the stack reset the synthetic SYN")
@@ -247,6 +252,7 @@ func (e *Engine) restore(ctx context.Context, ent *flowEntry, s *batonv1.FlowSta
 			e.m.packet(pktReplayed)
 		}
 	}
+	e.trace(k, PhaseAckInjected, "")
 	e.forgetReplica(k, s.Epoch)
 	select {
 	case <-pr.taken:
