@@ -17,7 +17,7 @@ func TestHealthCheckFailureMigratesFlows(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	t.Cleanup(cancel)
 	c := rrStartCluster(t, ctx, 3, "bth2")
-	resets0 := rrResets(t, c.Lab)
+	resets0 := clientResets(t, c.Lab)
 	w := rrStartWorkload(t, ctx, c.Lab, 15, 15, 33000, 24<<20, rrRate)
 	const sick = 1
 	err := waitFor(ctx, 30*time.Second, func() error {
@@ -69,7 +69,7 @@ func TestHealthCheckFailureMigratesFlows(t *testing.T) {
 	time.Sleep(2 * time.Second)
 	w.finish(t)
 	c.logMetrics()
-	if r := rrResets(t, c.Lab) - resets0; r != 0 {
+	if r := clientResets(t, c.Lab) - resets0; r != 0 {
 		t.Errorf("the client saw %d connections reset", r)
 	}
 }

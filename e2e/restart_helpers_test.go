@@ -8,7 +8,6 @@ package e2e
 // scenario files of the package.
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -20,7 +19,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -138,63 +136,6 @@ func rrKeepLogs(t *testing.T, l *lab.Lab) {
 		}
 	}
 	t.Logf("logs kept in %s", dir)
-}
-
-// rrResets returns the client namespace's Tcp EstabResets counter
-// (connections that went from ESTABLISHED or CLOSE-WAIT straight to
-// CLOSED: a RST received, or an abortive close).
-func rrResets(t *testing.T, l *lab.Lab) uint64 {
-	t.Helper()
-	var v uint64
-	err := l.Client.Do(func() error {
-		b, err := os.ReadFile("/proc/thread-self/net/snmp") // this thread's namespace
-		if err != nil {
-			return err
-		}
-		var names []string
-		sc := bufio.NewScanner(bytes.NewReader(b))
-		for sc.Scan() {
-			f := strings.Fields(sc.Text())
-			if len(f) == 0 || f[0] != "Tcp:" {
-				continue
-			}
-			if names == nil {
-				names = f
-				continue
-			}
-			for i, n := range names {
-				if n == "EstabResets" && i < len(f) {
-					v, err = strconv.ParseUint(f[i], 10, 64)
-					return err
-				}
-			}
-		}
-		return errors.New("no Tcp EstabResets in snmp")
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return v
-}
-
-// rrPorts returns n client ports from first up whose flows to the anycast
-// IPv4 address and dport the router sends to node target (-1: any).
-func rrPorts(t *testing.T, l *lab.Lab, dport uint16, target, n, first int) []int {
-	t.Helper()
-	var out []int
-	for port := first; len(out) < n && port < 65000; port++ {
-		owner, err := l.PredictNode(netip.AddrPortFrom(l.ClientAddr4, uint16(port)), netip.AddrPortFrom(l.Anycast4, dport))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if target < 0 || owner == target {
-			out = append(out, port)
-		}
-	}
-	if len(out) < n {
-		t.Fatalf("only %d ports to node %d", len(out), target)
-	}
-	return out
 }
 
 // pacedReader reads at the rate (bytes/s) rate holds at the time (a
@@ -403,8 +344,8 @@ func rrStartWorkload(t *testing.T, ctx context.Context, l *lab.Lab, nd, ne, firs
 	t.Helper()
 	w := &rrWorkload{stop: make(chan struct{}), start: time.Now()}
 	w.rate.Store(rate)
-	w.ds = rrStartDownloads(t, ctx, l, rrPorts(t, l, rrStreamPort, -1, nd, first), size, &w.rate, &w.over)
-	w.es = rrStartEchoes(t, ctx, l, rrPorts(t, l, rrEchoPort, -1, ne, first+2000), w.stop)
+	w.ds = rrStartDownloads(t, ctx, l, portsTo(t, l, rrStreamPort, -1, nd, first), size, &w.rate, &w.over)
+	w.es = rrStartEchoes(t, ctx, l, portsTo(t, l, rrEchoPort, -1, ne, first+2000), w.stop)
 	t.Cleanup(w.end)
 	return w
 }

@@ -39,7 +39,7 @@ func TestRollingRestart(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 9*time.Minute)
 	t.Cleanup(cancel)
 	c := rrStartCluster(t, ctx, 3, "btr")
-	resets0 := rrResets(t, c.Lab)
+	resets0 := clientResets(t, c.Lab)
 	w := rrStartWorkload(t, ctx, c.Lab, rrDownloads, rrEchoes, 30000, rrSize, rrRate)
 	for i := range 3 {
 		if n := c.owned(i); n <= 0 {
@@ -135,7 +135,7 @@ func TestRollingRestart(t *testing.T) {
 	}
 	w.finish(t)
 	c.logMetrics()
-	if r := rrResets(t, c.Lab) - resets0; r != 0 {
+	if r := clientResets(t, c.Lab) - resets0; r != 0 {
 		t.Errorf("the client saw %d connections reset", r)
 	}
 }
@@ -149,7 +149,7 @@ func TestKillFlowsTakenOver(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	t.Cleanup(cancel)
 	c := rrStartCluster(t, ctx, 3, "btx")
-	resets0 := rrResets(t, c.Lab)
+	resets0 := clientResets(t, c.Lab)
 	w := rrStartWorkload(t, ctx, c.Lab, 15, 15, 31000, 24<<20, rrRate)
 	time.Sleep(2 * time.Second)
 	w.healthy(t)
@@ -184,7 +184,7 @@ func TestKillFlowsTakenOver(t *testing.T) {
 	time.Sleep(2 * time.Second)
 	w.finish(t)
 	c.logMetrics()
-	if r := rrResets(t, c.Lab) - resets0; r != 0 {
+	if r := clientResets(t, c.Lab) - resets0; r != 0 {
 		t.Errorf("the client saw %d connections reset", r)
 	}
 }
