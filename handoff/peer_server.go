@@ -121,6 +121,7 @@ func (s *peerServer) Replicate(stream batonv1.Peer_ReplicateServer) error {
 			if errors.Is(err, io.EOF) {
 				return nil
 			}
+			s.countRecvError(err, sender, names, addr)
 			return err
 		}
 		if sender == "" {
@@ -313,6 +314,8 @@ func (s *peerServer) Forward(stream batonv1.Peer_ForwardServer) error {
 			return stream.SendAndClose(&ack)
 		}
 		if err != nil {
+			names, addr := identity(stream.Context())
+			s.countRecvError(err, sender, names, addr)
 			return err
 		}
 		if sender == "" {
@@ -340,6 +343,34 @@ func (s *peerServer) Forward(stream batonv1.Peer_ForwardServer) error {
 			}
 		}
 	}
+}
+
+// countRecvError counts a message a peer stream could not deliver: over
+// the size limit (too_large) or not decoding (malformed). It is counted
+// for the stream's sender, else the member named by the caller's
+// certificate, else "unknown".
+func (s *peerServer) countRecvError(err error, sender string, names []string, addr string) {
+	var reason string
+	switch st, _ := status.FromError(err); {
+	case st.Code() == codes.ResourceExhausted:
+		reason = RejectTooLarge
+	case st.Code() == codes.Internal && strings.Contains(st.Message(), "unmarshal"):
+		reason = RejectMalformed
+	default:
+		return
+	}
+	label := "unknown"
+	if sender != "" {
+		label = sender
+	} else {
+		for _, n := range names {
+			if s.r.members.IsPeer(n) {
+				label = n
+				break
+			}
+		}
+	}
+	s.r.rejects.add(label, reason, 1, err.Error(), "remote", addr)
 }
 
 // countingCreds counts failed TLS handshakes on the peer listener (a

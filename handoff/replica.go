@@ -28,6 +28,8 @@ const (
 	// RejectTLSHandshake: a connection failed the mutual TLS handshake
 	// (unknown CA, no client certificate, expired...).
 	RejectTLSHandshake = "tls_handshake"
+	// RejectMalformed: a message on a peer stream did not decode.
+	RejectMalformed = "malformed"
 )
 
 // ReplicaStore holds flows replicated from other owners: owner -> key ->
