@@ -7,7 +7,7 @@ PKGS     := ./...
 # Debian packages the lab and the tooling need (checked, installed if missing;
 # a temporary policy-rc.d keeps their scripts from starting daemons such as
 # bird: the lab starts its own, inside its namespaces).
-DEB_PKGS := iproute2 protobuf-compiler ca-certificates bird2
+DEB_PKGS := iproute2 protobuf-compiler ca-certificates bird2 nftables
 # Pinned protoc plugins (make proto).
 PROTOC_GEN_GO      := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
 PROTOC_GEN_GO_GRPC := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
