@@ -57,8 +57,8 @@ func flowCopy(ctx context.Context, c *takeoverCluster, i int, k string) (*batonv
 // The peer network between them is cut; the router moves the flow to n2,
 // which restores it from the replica at a higher epoch while n1 still
 // owns it at the old one (both hold the flow). After the partition heals,
-// the states converge (both record n2 as the owner at n2's epoch, n1 no
-// longer owns it) and from then on only n2 sends data segments of the flow
+// the states converge (n1 owns no flow any more, both record n2 as the
+// owner at n2's epoch) and from then on only n2 sends data segments of the flow
 // (router counters); the download ends exactly or reset, never wrong.
 // The old owner's segments while it was cut off (retransmissions of data
 // the client's acknowledgements, now going to n2, never confirmed to it)
@@ -139,8 +139,12 @@ func TestSplitBrainFencing(t *testing.T) {
 	if err := waitPeersUp(ctx, c.admins); err != nil {
 		t.Fatal(err)
 	}
-	// Convergence: both copies say n2 at e2.
+	// Convergence: n1 owns no flow any more and both copies say n2 at e2.
 	if err := waitFor(ctx, time.Minute, func() error {
+		h, err := c.admins[0].Health(ctx, &batonv1.HealthRequest{})
+		if err != nil || h.OwnedFlows != 0 {
+			return fmt.Errorf("n1 owns %d flows (%v)", h.GetOwnedFlows(), err)
+		}
 		for i := range 2 {
 			st, err := flowCopy(ctx, c, i, key)
 			if err != nil || st == nil || st.Owner != "n2" || st.Epoch != e2 {
