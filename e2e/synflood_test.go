@@ -201,5 +201,21 @@ func TestSYNFlood(t *testing.T) {
 			t.Errorf("%s died", lab.NodeName(i))
 		}
 	}
+	// A real connection opened now, while the half-open flows fill the
+	// table (until the tracker's handshake timeout): served, but counted
+	// untracked (not replicated, not protected by takeover). Logged.
+	port := portsTo(t, l, echoPort, 0, 1, 31000)[0]
+	u0 := metricValue(nodeMetrics(ctx, l, 0), "baton_flows_untracked_total", "")
+	conn, err := l.Client.Dial(ctx, "tcp4", netip.AddrPortFrom(l.Anycast4, echoPort).String(), port)
+	if err != nil {
+		t.Fatalf("real connection after the flood: %v", err)
+	}
+	_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
+	if err := (&echoSession{Conn: conn, port: port, seed: uint64(port) << 8}).round(1000); err != nil {
+		t.Errorf("real connection after the flood: %v", err)
+	}
+	conn.Close()
+	t.Logf("a real connection to n1 after the flood: served; n1's untracked count +%v",
+		metricValue(nodeMetrics(ctx, l, 0), "baton_flows_untracked_total", "")-u0)
 	t.Logf("client namespace dropped SYN-ACKs:\n%s", nsRun(t, l.Client, "", "nft", "list", "table", "inet", "flood"))
 }
