@@ -12,6 +12,9 @@ DEB_PKGS := iproute2 protobuf-compiler ca-certificates bird2 nftables
 PROTOC_GEN_GO      := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
 PROTOC_GEN_GO_GRPC := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
 FUZZTIME ?= 10s
+# batonlab bench's flags for make bench: 3 s runs keep the whole suite
+# (kernel comparison, replication, memory, takeover) near 10 minutes.
+BENCH_FLAGS ?= -duration 3s
 
 .PHONY: all build test unit e2e fuzz bench demo proto proto-check lint deps clean
 
@@ -48,7 +51,7 @@ fuzz:
 
 bench: build
 	$(GO) test -run '^$$' -bench . -benchmem $(PKGS)
-	$(BIN)/batonlab bench -batond $(BIN)/batond -out docs/bench/latest.json
+	$(BIN)/batonlab bench -batond $(BIN)/batond -out docs/bench/latest.json $(BENCH_FLAGS)
 
 demo: deps build
 	$(BIN)/batonlab demo -batond $(BIN)/batond

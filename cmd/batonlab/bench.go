@@ -49,7 +49,7 @@ const (
 	streamPort = 9000
 	// targetSingleFlow is the issue's target for single-flow throughput,
 	// as a fraction of the kernel's, at MTU 1500.
-	targetSingleFlow = 0.5
+	targetSingleFlow = 0.6
 	// The TUN devices batond is measured with (-tun).
 	tunWater   = "water"
 	tunOffload = "offload"
@@ -77,7 +77,14 @@ type benchOpts struct {
 	replFlows int // flows of the replica visibility figure
 	// takeoverFlows are the flows of each takeover scenario.
 	takeoverFlows int
-	outSet        bool
+	// parallel are the flow counts of the parallel download figures.
+	parallel []int
+	// bigMTU is the large MTU the single-flow figures are taken again
+	// with (0: not).
+	bigMTU int
+	// memFlows are the idle-connection counts of the memory figures.
+	memFlows []int
+	outSet   bool
 }
 
 // The parts of the benchmark (-only).
@@ -106,8 +113,21 @@ func parseBenchArgs(args []string) (benchOpts, *flag.FlagSet, error) {
 	fs.StringVar(&o.only, "only", "", "measure one part: kernel (Baton vs the kernel, profiles), replication (3-node cluster: conn/s with vs without replication, replica visibility) or takeover (3-node cluster: drain, failing check, kill -9 of the node serving the flows: takeover latency, client stalls, withdrawal and migration times, throughput after vs before); -out is then written only if given")
 	fs.IntVar(&o.replFlows, "repl-flows", 300, "flows opened one at a time for the replica visibility figure")
 	fs.IntVar(&o.takeoverFlows, "takeover-flows", 24, "endless verified downloads on the failing node in each takeover scenario")
+	par := fs.String("parallel", "8,64", "flow counts of the parallel download figures, comma-separated (empty: none)")
+	fs.IntVar(&o.bigMTU, "big-mtu", 65000, "large MTU of every lab link and batond's TUN for a second set of single-flow figures (0: none)")
+	mem := fs.String("mem-flows", "10000,100000", "idle connections of the memory figures, comma-separated (empty: none)")
 	if err := parseFlags(fs, args); err != nil {
 		return o, fs, err
+	}
+	var perr error
+	if o.parallel, perr = parseIntList(*par, 1024); perr != nil {
+		return o, fs, fmt.Errorf("-parallel: %w", perr)
+	}
+	if o.memFlows, perr = parseIntList(*mem, 500000); perr != nil {
+		return o, fs, fmt.Errorf("-mem-flows: %w", perr)
+	}
+	if o.bigMTU != 0 && (o.bigMTU < 1500 || o.bigMTU > 65535) {
+		return o, fs, fmt.Errorf("-big-mtu: %d out of range 1500..65535", o.bigMTU)
 	}
 	fs.Visit(func(f *flag.Flag) { o.outSet = o.outSet || f.Name == "out" })
 	switch *tun {
@@ -169,10 +189,16 @@ func runBench(args []string) int {
 
 // Results is what bench measures; it is written as JSON to -out.
 type Results struct {
-	Date    string          `json:"date"`
-	Machine Machine         `json:"machine"`
-	Config  BenchConfig     `json:"config"`
-	Single  []SingleFlow    `json:"single_flow"`
+	Date    string       `json:"date"`
+	Machine Machine      `json:"machine"`
+	Config  BenchConfig  `json:"config"`
+	Single  []SingleFlow `json:"single_flow"`
+	// Flows are the other throughput figures: upload, parallel
+	// downloads, the large MTU (bench_flows.go).
+	Flows   []SingleFlow `json:"throughput,omitempty"`
+	Latency *Latency     `json:"latency,omitempty"`
+	// Memory are the idle-connection memory figures (bench_mem.go).
+	Memory  *MemResults     `json:"memory,omitempty"`
 	Conns   *ConnRate       `json:"conn_rate,omitempty"`
 	Profile []ProfileResult `json:"profiles,omitempty"`
 	// Replication are the cluster figures (benchrepl.go).
@@ -208,7 +234,12 @@ type BenchConfig struct {
 
 // SingleFlow is the single-flow download figure for one address family.
 type SingleFlow struct {
-	Family       string      `json:"family"`
+	Family string `json:"family"`
+	// Kind is kindDownload (also when empty) or kindUpload; Streams the
+	// flows at once (0 or 1: one); MTU the lab's MTU (0: the config's).
+	Kind         string      `json:"kind,omitempty"`
+	Streams      int         `json:"flows,omitempty"`
+	MTU          int         `json:"mtu,omitempty"`
 	BatonAddr    string      `json:"baton_addr"`
 	KernelAddr   string      `json:"kernel_addr"`
 	KernelGbps   []float64   `json:"kernel_gbps"`
@@ -377,68 +408,36 @@ func benchKernel(ctx context.Context, o benchOpts, res *Results) (err error) {
 	if o.ipv6 {
 		kaddrs = append(kaddrs, node.Addr6)
 	}
-	ks, err := startKernelServer(ctx, node, kaddrs, streamPort)
-	if err != nil {
-		return err
+	for _, ksvc := range []struct {
+		port uint16
+		svc  services.TCPService
+	}{{streamPort, services.NewStream()}, {httpPort, services.NewHTTP(node.Name)}, {echoPort, services.NewEcho()}} {
+		ks, err := startKernelServer(ctx, node, kaddrs, ksvc.port, ksvc.svc)
+		if err != nil {
+			return err
+		}
+		defer ks.Close()
+		fmt.Printf("kernel %s server: %s, in %s, serving the same services code from batonlab\n", ksvc.svc.Name(), ks.Addrs(), node.Name)
 	}
-	defer ks.Close()
-	fmt.Printf("kernel stream server: %s, in %s, serving services.NewStream() from batonlab\n\n", ks.Addrs(), node.Name)
+	fmt.Println()
 
-	type pair struct {
-		family        string
-		baton, kernel netip.AddrPort
-	}
-	pairs := []pair{{"IPv4", netip.AddrPortFrom(l.Anycast4, streamPort), netip.AddrPortFrom(node.Addr4, streamPort)}}
+	pairs := []serverPair{{"IPv4", netip.AddrPortFrom(l.Anycast4, streamPort), netip.AddrPortFrom(node.Addr4, streamPort)}}
 	if o.ipv6 {
-		pairs = append(pairs, pair{"IPv6", netip.AddrPortFrom(l.Anycast6, streamPort), netip.AddrPortFrom(node.Addr6, streamPort)})
+		pairs = append(pairs, serverPair{"IPv6", netip.AddrPortFrom(l.Anycast6, streamPort), netip.AddrPortFrom(node.Addr6, streamPort)})
 	}
-	// The round counter runs on across families (and into the
-	// connection-rate runs), so that each starts with the device the
-	// previous one ended with.
-	round := 0
+	kb := &kernelBench{o: o, l: l, nd: nd}
 	for _, p := range pairs {
-		sf := SingleFlow{Family: p.family, BatonAddr: p.baton.String(), KernelAddr: p.kernel.String(), Target: targetSingleFlow}
-		byTUN := map[string]*[]float64{}
-		for _, t := range o.tuns {
-			sf.Baton = append(sf.Baton, BatonFlow{TUN: t})
-		}
-		for i := range sf.Baton {
-			byTUN[sf.Baton[i].TUN] = &sf.Baton[i].Gbps
-		}
-		for r := 1; r <= o.runs; r, round = r+1, round+1 {
-			for _, server := range roundOrder(o.tuns, round) {
-				name, addr, out := "kernel", p.kernel, &sf.KernelGbps
-				if server != "kernel" {
-					if err := nd.use(ctx, server); err != nil {
-						return err
-					}
-					name, addr, out = "baton/"+server, p.baton, byTUN[server]
-				}
-				dr, err := discardStream(ctx, l.Client, addr, uint64(r), o.duration)
-				if err != nil {
-					return fmt.Errorf("single flow %s %s run %d: %w", p.family, name, r, err)
-				}
-				g := gbps(dr.Bytes, dr.Elapsed)
-				*out = append(*out, g)
-				fmt.Printf("single flow %s run %d/%d %-14s %-24s %6.2f Gb/s (%s in %.1fs)\n",
-					p.family, r, o.runs, name, addr, g, formatSize(uint64(dr.Bytes)), dr.Elapsed.Seconds())
-				if err := settle(ctx); err != nil {
-					return err
-				}
-				if err := nd.check(ctx, fmt.Sprintf("single flow %s %s run %d", p.family, name, r), true); err != nil {
-					return err
-				}
-			}
-		}
-		sf.KernelMedian = median(sf.KernelGbps)
-		for i := range sf.Baton {
-			b := &sf.Baton[i]
-			b.Median = median(b.Gbps)
-			b.Ratio = jfloat(ratio(b.Median, sf.KernelMedian))
-			b.MeetsTarget = float64(b.Ratio) >= sf.Target
+		sf, err := kb.throughput(ctx, SingleFlow{Family: p.family, MTU: o.mtu, Target: targetSingleFlow}, p, o.runs, kb.downloadFn())
+		if err != nil {
+			return err
 		}
 		res.Single = append(res.Single, sf)
 	}
+	httpPair := serverPair{"IPv4", netip.AddrPortFrom(l.Anycast4, httpPort), netip.AddrPortFrom(node.Addr4, httpPort)}
+	if err := kb.flowFigures(ctx, httpPair, pairs[0], res); err != nil {
+		return err
+	}
+	round := kb.round
 
 	cr := &ConnRate{Family: "IPv4", Workers: o.workers}
 	for _, server := range roundOrder(o.tuns, round) {
@@ -489,6 +488,11 @@ func benchKernel(ctx context.Context, o benchOpts, res *Results) (err error) {
 	}
 	res.Conns = cr
 
+	echo := serverPair{"IPv4", netip.AddrPortFrom(l.Anycast4, echoPort), netip.AddrPortFrom(node.Addr4, echoPort)}
+	if res.Latency, err = kb.latency(ctx, echo); err != nil {
+		return err
+	}
+
 	if o.profile > 0 && o.writes() {
 		// Profile the device batond runs with first: one restart less.
 		order := slices.Clone(o.tuns)
@@ -514,6 +518,12 @@ func benchKernel(ctx context.Context, o benchOpts, res *Results) (err error) {
 		slices.SortStableFunc(res.Profile, func(a, b ProfileResult) int {
 			return slices.Index(o.tuns, a.TUN) - slices.Index(o.tuns, b.TUN)
 		})
+	}
+	if o.bigMTU != 0 && o.bigMTU != o.mtu {
+		kb.round = round
+		if err := kb.bigMTUFigures(ctx, httpPair, pairs[0], o.bigMTU, res); err != nil {
+			return err
+		}
 	}
 	failed = len(nd.crashes) > 0
 	return nil
@@ -629,10 +639,9 @@ type kernelServer struct {
 	wg     sync.WaitGroup
 }
 
-func startKernelServer(ctx context.Context, node *lab.Node, addrs []netip.Addr, port uint16) (*kernelServer, error) {
+func startKernelServer(ctx context.Context, node *lab.Node, addrs []netip.Addr, port uint16, svc services.TCPService) (*kernelServer, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	ks := &kernelServer{cancel: cancel}
-	svc := services.NewStream()
 	for _, a := range addrs {
 		ln, err := node.Listen(ctx, "tcp", netip.AddrPortFrom(a, port).String())
 		if err != nil {
@@ -726,6 +735,11 @@ func profileBatond(ctx context.Context, l *lab.Lab, server netip.AddrPort, o ben
 // node (/debug/pprof on the namespace's loopback, batond -pprof) and saves
 // it in file.
 func fetchProfile(ctx context.Context, node *lab.Node, secs int, file string) error {
+	return fetchPprof(ctx, node, "profile?seconds="+strconv.Itoa(secs), file)
+}
+
+// fetchPprof saves /debug/pprof/<what> of node's batond in file.
+func fetchPprof(ctx context.Context, node *lab.Node, what, file string) error {
 	if err := os.MkdirAll(filepath.Dir(file), 0o755); err != nil {
 		return err
 	}
@@ -735,7 +749,7 @@ func fetchProfile(ctx context.Context, node *lab.Node, secs int, file string) er
 		},
 		DisableKeepAlives: true,
 	}}
-	url := "http://" + metricsAddr + "/debug/pprof/profile?seconds=" + strconv.Itoa(secs)
+	url := "http://" + metricsAddr + "/debug/pprof/" + what
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return err

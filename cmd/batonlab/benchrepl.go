@@ -247,6 +247,11 @@ func benchReplication(ctx context.Context, o benchOpts, res *Results) (err error
 		}
 		res.Profile = append(res.Profile, *pr)
 	}
+	if len(o.memFlows) > 0 {
+		if res.Memory, err = rl.memory(ctx, o); err != nil {
+			return err
+		}
+	}
 	keep = len(rl.crashes) > 0
 	return nil
 }
@@ -280,7 +285,18 @@ func (r *replLab) restartN1(ctx context.Context, cluster bool) error {
 	if cluster {
 		return waitPeersUp(ctx, r.admins, 30*time.Second)
 	}
-	return waitStandalone(ctx, r.admins[0], 10*time.Second)
+	if err := waitStandalone(ctx, r.admins[0], 10*time.Second); err != nil {
+		return err
+	}
+	if r.l.Routing == lab.RoutingBGP {
+		// The router routes to n1 again only once it has announced.
+		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		if err := r.l.WaitAnnounced(wctx, 0); err != nil {
+			return fmt.Errorf("n1 without cluster flags: %w", err)
+		}
+	}
+	return nil
 }
 
 // startStandalone starts batond on node index i with the lab's arguments

@@ -15,6 +15,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -146,6 +148,9 @@ func resultsTable(r *Results) *table {
 		if rr := r.Replication; rr != nil {
 			addReplRows(t, rr, 1)
 		}
+		if m := r.Memory; m != nil {
+			addMemRows(t, m, 1)
+		}
 		t.add("batond crashes (must be 0)", fmt.Sprint(len(r.Crashes)))
 		return t
 	}
@@ -172,7 +177,7 @@ func resultsTable(r *Results) *table {
 		cells = append(cells, pad(ratios, len(tuns))...)
 		t.add(append(cells, target)...)
 	}
-	for _, s := range r.Single {
+	for _, s := range append(slices.Clone(r.Single), r.Flows...) {
 		var baton, ratios, runs, verdicts []string
 		for _, b := range s.Baton {
 			baton = append(baton, fmtFloat(b.Median, 2))
@@ -185,11 +190,12 @@ func resultsTable(r *Results) *table {
 			verdicts = append(verdicts, b.TUN+" "+v)
 		}
 		target := fmt.Sprintf(">= %.1fx: %s", s.Target, strings.Join(verdicts, ", "))
-		if r.Config.MTU != 1500 {
+		if s.Target == 0 {
+			target = "-"
+		} else if s.MTU == 0 && r.Config.MTU != 1500 {
 			target += " (target is for MTU 1500)"
 		}
-		row(fmt.Sprintf("single-flow download %s, Gb/s (median of %d)", s.Family, len(s.KernelGbps)),
-			baton, fmtFloat(s.KernelMedian, 2), ratios, target)
+		row(figureName(s, r.Config.MTU), baton, fmtFloat(s.KernelMedian, 2), ratios, target)
 		row("  runs", runs, joinFloats(s.KernelGbps, 2), nil, "")
 	}
 	if c := r.Conns; c != nil {
@@ -207,6 +213,17 @@ func resultsTable(r *Results) *table {
 		row("  reconnect from a port in server TIME-WAIT", tw, okOrFailed(k.TimeWaitReconnect), nil, "")
 		row("  exchange latency p50 / p99, ms", lat, fmtFloat(k.P50ms, 2)+" / "+fmtFloat(k.P99ms, 2), nil, "")
 	}
+	if lt := r.Latency; lt != nil {
+		var p50, p99, ratios []string
+		for _, b := range lt.Baton {
+			p50 = append(p50, fmtFloat(b.P50, 0))
+			p99 = append(p99, fmtFloat(b.P99, 0))
+			ratios = append(ratios, fmtRatio(float64(b.Ratio)))
+		}
+		row(fmt.Sprintf("request/response %d B %s, p50 µs (median of %d; ratio: higher is slower)", lt.Size, lt.Family, len(lt.Kernel.P50us)),
+			p50, fmtFloat(lt.Kernel.P50, 0), ratios, "-")
+		row("  p99 µs", p99, fmtFloat(lt.Kernel.P99, 0), nil, "")
+	}
 	crashes := make([]string, len(tuns))
 	for i, tun := range tuns {
 		n := 0
@@ -221,6 +238,9 @@ func resultsTable(r *Results) *table {
 	if rr := r.Replication; rr != nil {
 		t.section(replHeader(len(tuns))...)
 		addReplRows(t, rr, len(tuns))
+	}
+	if m := r.Memory; m != nil {
+		addMemRows(t, m, len(tuns))
 	}
 	return t
 }
@@ -398,4 +418,69 @@ func printProfile(p *ProfileResult) {
 		fmt.Println("    " + l)
 	}
 	fmt.Printf("\nview it with: %s\n", p.ViewHint)
+}
+
+// figureName names a throughput row of the table.
+func figureName(s SingleFlow, mtu int) string {
+	what := "single-flow download"
+	switch {
+	case s.Kind == kindUpload:
+		what = "single-flow upload"
+	case s.Streams > 1:
+		what = strconv.Itoa(s.Streams) + " parallel downloads"
+	}
+	if s.MTU != 0 {
+		mtu = s.MTU
+	}
+	return fmt.Sprintf("%s %s MTU %d, Gb/s (median of %d)", what, s.Family, mtu, len(s.KernelGbps))
+}
+
+// addMemRows adds the memory figures to t (laid out for n devices): one
+// column per flow count, under the first device and the kernel.
+func addMemRows(t *table, m *MemResults, n int) {
+	if len(m.Runs) == 0 {
+		return
+	}
+	cols := []int{1, n + 1, n + 2, 2}[:min(len(m.Runs), 3)]
+	cells := func(figure, target string, f func(p MemPoint) string) []string {
+		c := make([]string, 2*n+3)
+		c[0], c[2*n+2] = figure, target
+		for i, p := range m.Runs[:len(cols)] {
+			c[cols[i]] = f(p)
+		}
+		return c
+	}
+	b := func(x float64) string { return fmtFloat(x, 0) }
+	t.section(cells("memory per idle flow, bytes (n1 serves and replicates to n2, n3)", "target", func(p MemPoint) string {
+		return strconv.Itoa(p.Flows) + " flows"
+	})...)
+	t.add(cells("  connections opened / tracked by n1 / replicas on n2 (s)", "", func(p MemPoint) string {
+		s := fmt.Sprintf("%d / %d / %d (%.0fs)", p.Opened, p.Tracked, p.Replicas, p.OpenS)
+		if p.Note != "" {
+			s += " *"
+		}
+		return s
+	})...)
+	t.add(cells("  (* not all opened or tracked in time: see the note in the JSON)", "", func(MemPoint) string { return "" })...)
+	t.add(cells("  n1 RSS per tracked+replicated flow", "-", func(p MemPoint) string { return b(p.Owner.RSS) })...)
+	t.add(cells("  n1 Go heap per flow: all / gVisor stack / services", "-", func(p MemPoint) string {
+		return b(p.Owner.Heap) + " / " + b(p.Owner.GVisor) + " / " + b(p.Owner.Services)
+	})...)
+	t.add(cells("  n1 Baton state per flow (heap under handoff)", verdict(m.Runs, m.TargetBaton, func(p MemPoint) float64 { return p.Owner.Baton }), func(p MemPoint) string { return b(p.Owner.Baton) })...)
+	t.add(cells("  n2 per replica-held flow: Go heap (handoff) / RSS", verdict(m.Runs, m.TargetReplica, func(p MemPoint) float64 { return p.Replica.Heap }), func(p MemPoint) string {
+		return b(p.Replica.Heap) + " (" + b(p.Replica.Baton) + ") / " + b(p.Replica.RSS)
+	})...)
+}
+
+// verdict is "<= limit: met" if every run's figure is within limit.
+func verdict(runs []MemPoint, limit int, f func(MemPoint) float64) string {
+	for _, p := range runs {
+		if !p.Measured {
+			return fmt.Sprintf("<= %d: not measured", limit)
+		}
+		if f(p) > float64(limit) {
+			return fmt.Sprintf("<= %d: MISSED", limit)
+		}
+	}
+	return fmt.Sprintf("<= %d: met", limit)
 }
