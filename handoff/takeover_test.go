@@ -342,6 +342,19 @@ func TestTakeoverHistory(t *testing.T) {
 	if st.Epoch != 3 {
 		t.Fatalf("epoch %d, want 3", st.Epoch)
 	}
+	// The resumed service publishes its checkpoint again, at the output
+	// offset it resumed at. It does so from its own goroutine once it has
+	// the restored connection, which may be after the tracker took the
+	// flow (the snapshot above may still carry the previous owner's).
+	at := st.History[2].AtOffset // checked against what was sent below
+	var cur *batonv1.FlowState
+	eventually(t, "the resumed service's checkpoint", func() bool {
+		cur, _ = l.nodes[0].tr.Lookup(d.key)
+		return cur != nil && cur.CheckpointOffset == at
+	})
+	if string(cur.Checkpoint) != services.StreamRequest(tkSize, 17) {
+		t.Fatalf("checkpoint %q at %d: want the request at output offset %d", cur.Checkpoint, cur.CheckpointOffset, at)
+	}
 	if err := d.wait(t); err != nil {
 		t.Fatal(err)
 	}
@@ -350,11 +363,6 @@ func TestTakeoverHistory(t *testing.T) {
 	}
 	if h := st.History[2]; h.AtOffset == 0 || h.AtOffset > st.ServerSentBytes {
 		t.Fatalf("restore offset %d (sent %d)", h.AtOffset, st.ServerSentBytes)
-	}
-	// The resumed service publishes its checkpoint again, at the output
-	// offset it resumed at.
-	if h := st.History[2]; st.CheckpointOffset != h.AtOffset || string(st.Checkpoint) != services.StreamRequest(tkSize, 17) {
-		t.Fatalf("checkpoint %q at %d: want the request at output offset %d", st.Checkpoint, st.CheckpointOffset, h.AtOffset)
 	}
 	if n1 := l.nodes[1]; n1.tr.Has(d.key) {
 		t.Fatal("n2 still tracks the flow it handed back")
