@@ -78,58 +78,14 @@ func (o *trkOpts) encode() []byte {
 	return append([]byte(nil), b[:n]...)
 }
 
-// bytes builds the IP packet with correct checksums.
+// bytes builds the IP packet with correct checksums (synth.go's builder).
 func (s trkSeg) bytes() []byte {
-	opts := s.opts.encode()
-	tcpLen := header.TCPMinimumSize + len(opts) + len(s.payload)
 	wnd := s.wnd
 	if wnd == 0 {
 		wnd = 65535
 	}
-	var (
-		pkt   []byte
-		l4    header.TCP
-		srcA  = tcpip.AddrFromSlice(s.src.Addr().AsSlice())
-		dstA  = tcpip.AddrFromSlice(s.dst.Addr().AsSlice())
-		ipLen int
-	)
-	if s.src.Addr().Is4() {
-		ipLen = header.IPv4MinimumSize
-		pkt = make([]byte, ipLen+tcpLen)
-		ip := header.IPv4(pkt)
-		ip.Encode(&header.IPv4Fields{
-			TotalLength: uint16(len(pkt)),
-			TTL:         64,
-			Protocol:    uint8(header.TCPProtocolNumber),
-			SrcAddr:     srcA,
-			DstAddr:     dstA,
-		})
-		ip.SetChecksum(^ip.CalculateChecksum())
-	} else {
-		ipLen = header.IPv6MinimumSize
-		pkt = make([]byte, ipLen+tcpLen)
-		header.IPv6(pkt).Encode(&header.IPv6Fields{
-			PayloadLength:     uint16(tcpLen),
-			TransportProtocol: header.TCPProtocolNumber,
-			HopLimit:          64,
-			SrcAddr:           srcA,
-			DstAddr:           dstA,
-		})
-	}
-	l4 = header.TCP(pkt[ipLen:])
-	l4.Encode(&header.TCPFields{
-		SrcPort:    s.src.Port(),
-		DstPort:    s.dst.Port(),
-		SeqNum:     s.seq,
-		AckNum:     s.ack,
-		DataOffset: uint8(header.TCPMinimumSize + len(opts)),
-		Flags:      s.flags,
-		WindowSize: wnd,
-	})
-	copy(pkt[ipLen+header.TCPMinimumSize:], opts)
-	copy(pkt[ipLen+header.TCPMinimumSize+len(opts):], s.payload)
-	trkFixChecksum(pkt)
-	return pkt
+	p := tcpPacket{src: s.src, dst: s.dst, seq: s.seq, ack: s.ack, flags: s.flags, window: wnd, opts: s.opts.encode(), payload: s.payload}
+	return p.build()
 }
 
 // trkFixChecksum recomputes the TCP checksum of an IPv4 or IPv6 packet
