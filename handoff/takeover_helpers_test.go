@@ -334,13 +334,27 @@ func (l *tkLab) setClientSACK(on bool) {
 	}
 }
 
-// progressConn counts the bytes read.
+// progressConn counts the bytes read. With limit > 0 it reads no further
+// than limit bytes until the limit is lifted (the client's receive window
+// closes meanwhile).
 type progressConn struct {
 	net.Conn
-	n atomic.Int64
+	n     atomic.Int64
+	limit atomic.Int64
 }
 
 func (c *progressConn) Read(b []byte) (int, error) {
+	for {
+		lim := c.limit.Load()
+		if lim <= 0 {
+			break
+		}
+		if room := lim - c.n.Load(); room > 0 {
+			b = b[:min(int64(len(b)), room)]
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
 	n, err := c.Conn.Read(b)
 	c.n.Add(int64(n))
 	return n, err
