@@ -104,7 +104,7 @@ type Endpoint struct {
 	closed    atomic.Bool
 	closeOnce sync.Once
 
-	outPool sync.Pool // *[]byte of mtu bytes (tun.MaxGSOPacket with GSO)
+	outPool sync.Pool // *outBuf with mtu bytes (tun.MaxGSOPacket with GSO)
 
 	rxPackets, rxBytes atomic.Uint64
 	txPackets, txBytes atomic.Uint64
@@ -139,8 +139,7 @@ func NewEndpoint(dev tun.Device) *Endpoint {
 		outSize = max(outSize, tun.MaxGSOPacket)
 	}
 	e.outPool.New = func() any {
-		b := make([]byte, outSize)
-		return &b
+		return &outBuf{data: make([]byte, outSize)}
 	}
 	e.chain.Store(&chain{})
 	return e
@@ -255,8 +254,10 @@ func (e *Endpoint) readLoop(q int) {
 				continue // counted by the device
 			}
 			if !errors.Is(err, tun.ErrClosed) && !e.closed.Load() {
-				err = fmt.Errorf("tun %s queue %d: read: %w", e.dev.Name(), q, err)
-				if e.readErr.CompareAndSwap(nil, &err) {
+				// A variable of its own: taking err's address would move
+				// it to the heap, one allocation per packet read.
+				rerr := fmt.Errorf("tun %s queue %d: read: %w", e.dev.Name(), q, err)
+				if e.readErr.CompareAndSwap(nil, &rerr) {
 					close(e.failed)
 				}
 			}
@@ -302,27 +303,54 @@ func (e *Endpoint) deliver(data []byte) {
 	pkt.DecRef()
 }
 
+// outBuf is what writing one outbound packet needs, pooled so that the
+// path allocates nothing per packet: the flat copy of the packet, the
+// Packet the hooks see (a hook keeps neither past its call: see Packet)
+// and the one-slice vector handed to the device.
+type outBuf struct {
+	data []byte
+	pkt  Packet
+	iov  [1][]byte
+}
+
 // writeOne runs the outbound chain on pkt and writes it to the device.
 func (e *Endpoint) writeOne(pkt *stack.PacketBuffer) tcpip.Error {
 	size := pkt.Size()
-	bp := e.outPool.Get().(*[]byte)
-	defer e.outPool.Put(bp)
-	buf := *bp
+	ob := e.outPool.Get().(*outBuf)
+	defer e.putOut(ob)
+	buf := ob.data
 	if size > len(buf) {
 		// Larger than the MTU without GSO (gVisor fragments to the MTU),
 		// or than the largest GSO segment gVisor makes (GSOMaxSize):
 		// neither happens.
 		buf = make([]byte, size)
 	}
+	// The views from the packet's header offset on, as AsSlices gives
+	// them, without AsSlices' allocation.
+	vl, off := pkt.AsViewList()
 	n := 0
-	for _, s := range pkt.AsSlices() {
-		n += copy(buf[n:], s)
+	for v := vl.Front(); v != nil && n < size; v = v.Next() {
+		s := v.AsSlice()
+		if off >= len(s) {
+			off -= len(s)
+			continue
+		}
+		n += copy(buf[n:size], s[off:])
+		off = 0
 	}
-	p := Packet{Dir: Outbound, Data: buf[:n], GSO: e.gsoInfo(pkt)}
-	if !e.run(&p) {
+	p := &ob.pkt
+	*p = Packet{Dir: Outbound, Data: buf[:n], GSO: e.gsoInfo(pkt)}
+	if !e.run(p) {
 		return nil
 	}
-	return e.write(p.Data, p.GSO)
+	return e.writeVec(p.Data, p.GSO, &ob.iov)
+}
+
+// putOut returns ob to the pool without references to what it carried.
+func (e *Endpoint) putOut(ob *outBuf) {
+	ob.pkt = Packet{}
+	ob.iov[0] = nil
+	e.outPool.Put(ob)
 }
 
 // gsoMaxSize is what the endpoint advertises as GSOMaxSize: 64 KiB, the
@@ -447,16 +475,24 @@ func (e *Endpoint) queueFor(data []byte) int {
 }
 
 func (e *Endpoint) write(data []byte, g GSOInfo) tcpip.Error {
+	var iov [1][]byte
+	return e.writeVec(data, g, &iov)
+}
+
+// writeVec writes data to the device, with iov as the vector the device
+// is given (the caller's, so that it need not be allocated per packet).
+func (e *Endpoint) writeVec(data []byte, g GSOInfo, iov *[1][]byte) tcpip.Error {
 	var err error
 	gso := false
+	iov[0] = data
 	if g == (GSOInfo{}) {
-		err = e.dev.Write(e.queueFor(data), [][]byte{data})
+		err = e.dev.Write(e.queueFor(data), iov[:])
 	} else if h, ok := virtioHdr(data, g); !ok {
 		e.txErrors.Add(1)
 		return nil // lost like on a wire; TCP retransmits
 	} else {
 		gso = h.GSOType != tun.VirtioNetHdrGSONone
-		err = e.dev.WriteGSO(e.queueFor(data), h, [][]byte{data})
+		err = e.dev.WriteGSO(e.queueFor(data), h, iov[:])
 	}
 	if err != nil {
 		if errors.Is(err, tun.ErrClosed) {
