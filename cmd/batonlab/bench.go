@@ -85,6 +85,8 @@ type benchOpts struct {
 	// memFlows are the idle-connection counts of the memory figures.
 	memFlows []int
 	outSet   bool
+	// profileDir is where -only profiles writes its text reports.
+	profileDir string
 }
 
 // The parts of the benchmark (-only).
@@ -110,11 +112,12 @@ func parseBenchArgs(args []string) (benchOpts, *flag.FlagSet, error) {
 	fs.BoolVar(&o.ipv6, "v6", true, "also measure single-flow throughput over IPv6")
 	fs.DurationVar(&o.profile, "profile", 5*time.Second, "length of each batond CPU profile (0 skips them)")
 	tun := fs.String("tun", "both", "TUN device(s) to measure batond with in the kernel comparison: water (default device), offload (batond -tun-offload) or both, side by side (the replication figures always use water)")
-	fs.StringVar(&o.only, "only", "", "measure one part: kernel (Baton vs the kernel, profiles), replication (3-node cluster: conn/s with vs without replication, replica visibility) or takeover (3-node cluster: drain, failing check, kill -9 of the node serving the flows: takeover latency, client stalls, withdrawal and migration times, throughput after vs before); -out is then written only if given")
+	fs.StringVar(&o.only, "only", "", "measure one part: kernel (Baton vs the kernel, profiles), replication (3-node cluster: conn/s with vs without replication, replica visibility) or takeover (3-node cluster: drain, failing check, kill -9 of the node serving the flows: takeover latency, client stalls, withdrawal and migration times, throughput after vs before), or profiles (CPU profiles of batond during the offload device's download and upload, the -big-mtu download, the connection rate with and without replication; text reports in -profile-dir; not part of the full run); -out is then written only if given")
 	fs.IntVar(&o.replFlows, "repl-flows", 300, "flows opened one at a time for the replica visibility figure")
 	fs.IntVar(&o.takeoverFlows, "takeover-flows", 24, "endless verified downloads on the failing node in each takeover scenario")
 	par := fs.String("parallel", "8,64", "flow counts of the parallel download figures, comma-separated (empty: none)")
 	fs.IntVar(&o.bigMTU, "big-mtu", 65000, "large MTU of every lab link and batond's TUN for a second set of single-flow figures (0: none)")
+	fs.StringVar(&o.profileDir, "profile-dir", filepath.Join("docs", "bench", "profiles"), "-only profiles: directory of the text reports (go tool pprof -top of each profile)")
 	mem := fs.String("mem-flows", "10000,100000", "idle connections of the memory figures, comma-separated (empty: none)")
 	if err := parseFlags(fs, args); err != nil {
 		return o, fs, err
@@ -161,8 +164,8 @@ func parseBenchArgs(args []string) (benchOpts, *flag.FlagSet, error) {
 		return o, fs, fmt.Errorf("-out: %q should end in .json", o.out)
 	case o.batond == "":
 		return o, fs, errors.New("-batond: empty path")
-	case o.only != "" && o.only != onlyKernel && o.only != onlyReplication && o.only != onlyTakeover:
-		return o, fs, fmt.Errorf("-only: %q is not %s, %s or %s", o.only, onlyKernel, onlyReplication, onlyTakeover)
+	case o.only != "" && o.only != onlyKernel && o.only != onlyReplication && o.only != onlyTakeover && o.only != onlyProfiles:
+		return o, fs, fmt.Errorf("-only: %q is not %s, %s, %s or %s", o.only, onlyKernel, onlyReplication, onlyTakeover, onlyProfiles)
 	case o.takeoverFlows < 1 || o.takeoverFlows > 500:
 		return o, fs, fmt.Errorf("-takeover-flows: %d out of range 1..500", o.takeoverFlows)
 	case o.replFlows < 1 || o.replFlows > 10000:
@@ -344,6 +347,11 @@ func bench(ctx context.Context, o benchOpts) (err error) {
 	}
 	if o.only == "" || o.only == onlyTakeover {
 		if err := benchTakeover(ctx, o, res); err != nil {
+			return err
+		}
+	}
+	if o.only == onlyProfiles {
+		if err := benchProfiles(ctx, o, res); err != nil {
 			return err
 		}
 	}

@@ -205,30 +205,9 @@ func benchReplication(ctx context.Context, o benchOpts, res *Results) (err error
 			err = cerr
 		}
 	}()
-	if o.mtu != 1500 {
-		if err := setLabMTU(l, o.mtu); err != nil {
-			return err
-		}
-	}
-	if err := l.EnableCluster(replReplicas); err != nil {
+	if err := rl.start(ctx, o); err != nil {
 		return err
 	}
-	if err := l.SetNexthops([]int{0}); err != nil {
-		return err
-	}
-	procs, err := startNodes(ctx, l, o.batond, rl.base...)
-	if err != nil {
-		return err
-	}
-	copy(rl.procs, procs)
-	rl.cluster = true
-	if rl.admins, err = dialAdmins(l); err != nil {
-		return err
-	}
-	if err := waitPeersUp(ctx, rl.admins, 30*time.Second); err != nil {
-		return err
-	}
-	fmt.Printf("    peer links up; router: 192.0.2.1/32 via n1 only\n")
 	rr := &ReplResults{
 		TUN: replTUN, Nodes: replNodes, Replicas: replReplicas, Lab: l.Name,
 		Setup: "3 nodes, lab.EnableCluster(2) (every node peers with the other two, mutual TLS), router ECMP set = n1 only (lab.SetNexthops([]int{0})): every connection is n1's, its replicas are n2 and n3; batond TUN device water",
@@ -253,6 +232,37 @@ func benchReplication(ctx context.Context, o benchOpts, res *Results) (err error
 		}
 	}
 	keep = len(rl.crashes) > 0
+	return nil
+}
+
+// start makes rl's lab a cluster whose router sends everything to n1,
+// starts batond on every node and waits for the peer links.
+func (r *replLab) start(ctx context.Context, o benchOpts) error {
+	l := r.l
+	if o.mtu != 1500 {
+		if err := setLabMTU(l, o.mtu); err != nil {
+			return err
+		}
+	}
+	if err := l.EnableCluster(replReplicas); err != nil {
+		return err
+	}
+	if err := l.SetNexthops([]int{0}); err != nil {
+		return err
+	}
+	procs, err := startNodes(ctx, l, o.batond, r.base...)
+	if err != nil {
+		return err
+	}
+	copy(r.procs, procs)
+	r.cluster = true
+	if r.admins, err = dialAdmins(l); err != nil {
+		return err
+	}
+	if err := waitPeersUp(ctx, r.admins, 30*time.Second); err != nil {
+		return err
+	}
+	fmt.Printf("    peer links up; router: 192.0.2.1/32 via n1 only\n")
 	return nil
 }
 
