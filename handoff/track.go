@@ -47,7 +47,9 @@ package handoff
 // SYN-ACK) -> CLOSING (a FIN either way) -> CLOSED (both FINs acked, RST, idle
 // timeout, or a new connection on the same 4-tuple), after which the flow is
 // removed from the table at once. Flows still in HANDSHAKE are never
-// reported: a SYN flood must not reach replication.
+// reported: a SYN flood must not reach replication, and at most
+// MaxHandshaking of them are in the table (track_bound.go): a flood of
+// half-open connections cannot take the room of established flows.
 
 import (
 	"crypto/rand"
@@ -90,6 +92,12 @@ type TrackerConfig struct {
 	// MaxFlows bounds the table; a flow beyond it is served by the stack but
 	// not tracked (Stats().Untracked). 0 means DefaultMaxFlows.
 	MaxFlows int
+	// MaxHandshaking bounds the flows in the table that are still in the
+	// handshake (client SYN seen, not yet acked), within MaxFlows. When it
+	// is reached, a new client SYN evicts the oldest of them (see
+	// track_bound.go). 0 means DefaultMaxHandshaking(MaxFlows); it is
+	// capped at MaxFlows.
+	MaxHandshaking int
 	// IdleTimeout removes flows that saw no packet for this long (in Sweep).
 	// 0 means DefaultIdleTimeout.
 	IdleTimeout time.Duration
@@ -117,7 +125,7 @@ type TrackerConfig struct {
 type ClosedStats struct {
 	FIN      uint64 // both FINs sent and acked
 	RST      uint64 // RST either way
-	Idle     uint64 // no packet for IdleTimeout (HandshakeTimeout in the handshake)
+	Idle     uint64 // no packet for IdleTimeout (HandshakeTimeout in the handshake), or evicted from the handshake (HandshakeStats)
 	Replaced uint64 // the stack accepted a new connection on the same 4-tuple
 	Moved    uint64 // another node took the flow over (Remove)
 }
@@ -144,7 +152,8 @@ type TrackerStats struct {
 	Restored uint64
 	Closed   ClosedStats
 	// Untracked counts new flows refused because the table was full: the
-	// stack serves them, but they are not replicated.
+	// stack serves them, but they are not replicated. Flows left out by
+	// the handshake bound are counted in HandshakeStats instead.
 	Untracked uint64
 	// Malformed counts TCP packets to or from an anycast address that could
 	// not be parsed; BadChecksum inbound SYN/FIN/RST segments with a wrong
@@ -254,6 +263,10 @@ type trkFlow struct {
 	reported bool  // KIND_OPEN was taken
 	closed   bool  // removed from the table
 	changed  uint8 // chg* bits since the last take
+
+	// hs is the flow's place in the handshake list while it holds one of
+	// the MaxHandshaking slots (track_bound.go), nil otherwise.
+	hs *trkHSNode
 }
 
 // trkKey is the table's key: a FlowKey flattened to plain bytes, which the
@@ -292,6 +305,15 @@ type Tracker struct {
 	shards    [trackerShards]trkShard
 	count     atomic.Int64
 	changes   chan struct{}
+	// The handshake bound (track_bound.go): the flows in the handshake,
+	// oldest first, guarded by hsMu; hsLen mirrors their number for a
+	// lock-free look.
+	maxHS          int64
+	hsMu           sync.Mutex
+	hsHead, hsTail *trkHSNode
+	hsLen          atomic.Int64
+	hsEvicted      atomic.Uint64
+	hsUntracked    atomic.Uint64
 	// coarse is the clock (unix ns) Run refreshes every trkClockTick;
 	// ticking counts the running Runs (0: packets read cfg.Now).
 	coarse  atomic.Int64
@@ -316,6 +338,10 @@ func NewTracker(cfg TrackerConfig) *Tracker {
 	if cfg.MaxFlows <= 0 {
 		cfg.MaxFlows = DefaultMaxFlows
 	}
+	if cfg.MaxHandshaking <= 0 {
+		cfg.MaxHandshaking = DefaultMaxHandshaking(cfg.MaxFlows)
+	}
+	cfg.MaxHandshaking = min(cfg.MaxHandshaking, cfg.MaxFlows)
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = DefaultIdleTimeout
 	}
@@ -335,6 +361,7 @@ func NewTracker(cfg TrackerConfig) *Tracker {
 		idle:      int64(cfg.IdleTimeout),
 		handshake: int64(cfg.HandshakeTimeout),
 		changes:   make(chan struct{}, 1),
+		maxHS:     int64(cfg.MaxHandshaking),
 	}
 	for _, p := range cfg.Prefixes {
 		t.prefixes = append(t.prefixes, p.Masked())
@@ -416,6 +443,9 @@ func (t *Tracker) observe(data []byte, inbound bool) {
 	now := t.packetNow()
 	hk := trkKeyOf(seg.key)
 	sh := t.shardFor(&hk)
+	if inbound && trkClientSYN(&seg) && t.hsLen.Load() >= t.maxHS {
+		t.makeHandshakeRoom(sh, &hk, seg.key.Client.Addr(), now)
+	}
 	sh.mu.Lock()
 	if inbound {
 		t.inboundLocked(sh, &hk, &seg, now)
@@ -428,7 +458,7 @@ func (t *Tracker) observe(data []byte, inbound bool) {
 // inboundLocked applies a client -> anycast segment.
 func (t *Tracker) inboundLocked(sh *trkShard, hk *trkKey, seg *tcpSegment, now int64) {
 	f := sh.flows[*hk]
-	if seg.flags&(header.TCPFlagSyn|header.TCPFlagAck|header.TCPFlagRst) == header.TCPFlagSyn {
+	if trkClientSYN(seg) {
 		t.clientSYNLocked(sh, hk, f, seg, now)
 		return
 	}
@@ -461,6 +491,7 @@ func (t *Tracker) inboundLocked(sh *trkShard, hk *trkKey, seg *tcpSegment, now i
 		st.cliAcked.advance(seg.ack)
 		st.history = []*batonv1.OwnershipChange{{Node: t.cfg.Node, Epoch: st.epoch, How: HowOpen, UnixNano: now}}
 		f.pendSyn = false
+		t.leaveHandshakeLocked(f)
 		t.opened.Add(1)
 		changed = true
 	}
@@ -517,6 +548,11 @@ func (t *Tracker) clientSYNLocked(sh *trkShard, hk *trkKey, f *trkFlow, seg *tcp
 		return
 	}
 	f = &trkFlow{hk: *hk}
+	if !t.enterHandshakeLocked(f) {
+		t.count.Add(-1)
+		t.hsUntracked.Add(1)
+		return
+	}
 	f.st.key = seg.key
 	f.st.epoch = 1
 	trkInitSYN(f, seg, now)
@@ -530,10 +566,10 @@ func trkInitSYN(f *trkFlow, seg *tcpSegment, now int64) {
 }
 
 // trkSetSYN resets f to the handshake. Only flows in the handshake are reset,
-// and those are never dirty or reported.
+// and those are never dirty or reported; f keeps its handshake slot.
 func trkSetSYN(f *trkFlow, isn uint32, o header.TCPSynOptions, now int64) {
-	key, hk, epoch := f.st.key, f.hk, f.st.epoch
-	*f = trkFlow{hk: hk}
+	key, hk, epoch, hs := f.st.key, f.hk, f.st.epoch, f.hs
+	*f = trkFlow{hk: hk, hs: hs}
 	f.st = trkState{
 		key:         key,
 		epoch:       epoch,
@@ -619,9 +655,16 @@ func (t *Tracker) serverSYNACKLocked(sh *trkShard, f *trkFlow, seg *tcpSegment, 
 		// old connection on this 4-tuple is gone from the stack.
 		isn, opts, seen := f.pendISN, f.pendOpts, f.pendSeen
 		if st.phase != batonv1.FlowPhase_FLOW_PHASE_HANDSHAKE {
-			// The new flow takes the old one's slot (count unchanged).
+			// The new flow takes the old one's slot (count unchanged)
+			// if it gets a handshake slot; it is untracked otherwise.
+			nf := &trkFlow{hk: f.hk}
+			if !t.enterHandshakeLocked(nf) {
+				t.removeLocked(sh, f, &t.closedReplaced, now)
+				t.hsUntracked.Add(1)
+				return
+			}
 			t.closeLocked(sh, f, &t.closedReplaced, now)
-			f = &trkFlow{hk: f.hk}
+			f = nf
 			f.st.key, f.st.epoch = seg.key, 1
 			sh.flows[f.hk] = f
 			t.created.Add(1)
@@ -722,6 +765,7 @@ func (t *Tracker) removeLocked(sh *trkShard, f *trkFlow, reason *atomic.Uint64, 
 // closeLocked marks f closed (the caller takes it out of the table or
 // replaces it) and reports the close if its open was reported.
 func (t *Tracker) closeLocked(sh *trkShard, f *trkFlow, reason *atomic.Uint64, now int64) {
+	t.leaveHandshakeLocked(f)
 	f.closed = true
 	f.st.phase = batonv1.FlowPhase_FLOW_PHASE_CLOSED
 	f.st.updated = max(f.st.updated, now)

@@ -11,8 +11,12 @@ import (
 	"github.com/baton-anycast/baton/stack"
 )
 
-// trkFuzzMaxFlows is small so that the bound is exercised.
-const trkFuzzMaxFlows = 4
+// trkFuzzMaxFlows and trkFuzzMaxHandshaking are small so that both bounds
+// are exercised.
+const (
+	trkFuzzMaxFlows       = 4
+	trkFuzzMaxHandshaking = 2
+)
 
 // trkFuzzEncode packs packets in the fuzz input format: per packet a flag
 // byte (bit 0: outbound; bit 1: fix the TCP checksum; bit 2: take changes
@@ -69,12 +73,25 @@ func trkFuzzSeeds() [][]byte {
 			trkFuzzPkt{8, nil},
 		))
 	}
-	return seeds
+	// More handshakes than trkFuzzMaxHandshaking, one completed: evictions.
+	var flood []trkFuzzPkt
+	for port := uint16(40001); port <= 40004; port++ {
+		c := netip.AddrPortFrom(trkClient4, port)
+		flood = append(flood, trkFuzzPkt{2, trkSeg{src: c, dst: trkAnycast4, seq: uint32(port), flags: header.TCPFlagSyn}.bytes()})
+	}
+	c := netip.AddrPortFrom(trkClient4, 40004)
+	flood = append(flood,
+		trkFuzzPkt{3, trkSeg{src: trkAnycast4, dst: c, seq: 77, ack: 40005, flags: header.TCPFlagSyn | header.TCPFlagAck}.bytes()},
+		trkFuzzPkt{6, trkSeg{src: c, dst: trkAnycast4, seq: 40005, ack: 78, flags: header.TCPFlagAck}.bytes()},
+		trkFuzzPkt{10, trkSeg{src: netip.AddrPortFrom(trkClient4, 40001), dst: trkAnycast4, seq: 40001, flags: header.TCPFlagSyn}.bytes()},
+	)
+	return append(seeds, trkFuzzEncode(flood...))
 }
 
 // FuzzTrackerPackets feeds arbitrary packets both ways and checks that the
-// tracker never panics, passes every packet, keeps within MaxFlows, keeps
-// its table consistent, and only reports states a peer would accept.
+// tracker never panics, passes every packet, keeps within MaxFlows and
+// MaxHandshaking, keeps its table and handshake list consistent, and only
+// reports states a peer would accept.
 func FuzzTrackerPackets(f *testing.F) {
 	for _, s := range trkFuzzSeeds() {
 		f.Add(s)
@@ -82,7 +99,7 @@ func FuzzTrackerPackets(f *testing.F) {
 	f.Add([]byte{})
 	f.Add([]byte{0, 0, 3, 0x45, 0, 0})
 	f.Fuzz(func(t *testing.T, in []byte) {
-		tr, clk := newTrkTracker(TrackerConfig{MaxFlows: trkFuzzMaxFlows})
+		tr, clk := newTrkTracker(TrackerConfig{MaxFlows: trkFuzzMaxFlows, MaxHandshaking: trkFuzzMaxHandshaking})
 		reported := map[FlowKey]bool{} // open reported, not yet closed
 		take := func() {
 			seen := map[FlowKey]bool{}
@@ -147,9 +164,13 @@ func FuzzTrackerPackets(f *testing.F) {
 			if tr.Len() > trkFuzzMaxFlows || tr.Len() < 0 {
 				t.Fatalf("Len %d", tr.Len())
 			}
+			if n := tr.HandshakeStats().Handshaking; n > trkFuzzMaxHandshaking || n < 0 {
+				t.Fatalf("%d flows in the handshake", n)
+			}
 		}
 		take()
 		trkCheckInvariants(t, tr)
+		trkCheckHandshakeBound(t, tr)
 		tr.Owned(func(s *batonv1.FlowState) bool {
 			if _, err := ValidateState(s, trkPrefixes); err != nil {
 				t.Fatalf("owned snapshot does not validate: %v", err)

@@ -52,12 +52,13 @@ func (d *daemon) loadTLS() error {
 func (d *daemon) startHandoff() error {
 	cfg := d.cfg
 	d.tracker = handoff.NewTracker(handoff.TrackerConfig{
-		Node:        cfg.Node,
-		Prefixes:    cfg.prefixes,
-		MaxFlows:    cfg.Flows.Max,
-		IdleTimeout: cfg.Flows.IdleTimeout,
-		ServiceFor:  d.st.TCPServiceName,
-		Logger:      d.log,
+		Node:           cfg.Node,
+		Prefixes:       cfg.prefixes,
+		MaxFlows:       cfg.Flows.Max,
+		MaxHandshaking: cfg.Flows.MaxHandshake,
+		IdleTimeout:    cfg.Flows.IdleTimeout,
+		ServiceFor:     d.st.TCPServiceName,
+		Logger:         d.log,
 		// The health probes connect to the anycast address from this
 		// host's own addresses: those flows live and die here.
 		IgnoreClient: localAddrs(d.log),
@@ -205,6 +206,7 @@ type trackerCollector struct {
 	tracked, created, opened, closed *prometheus.Desc
 	restored                         *prometheus.Desc
 	untracked, bad                   *prometheus.Desc
+	handshaking, evicted, untrackHS  *prometheus.Desc
 }
 
 func newTrackerCollector(node string, t *handoff.Tracker) *trackerCollector {
@@ -220,12 +222,16 @@ func newTrackerCollector(node string, t *handoff.Tracker) *trackerCollector {
 		closed:    n("closed_total", "Flows removed from the table, by reason.", "reason"),
 		untracked: n("untracked_total", "New flows served but not tracked or replicated: the table was full."),
 		bad:       n("bad_packets_total", "TCP packets of anycast flows the tracker could not use, by reason.", "reason"),
+
+		handshaking: n("handshaking", "Flows in the flow table still in the handshake (at most -max-handshake-flows)."),
+		evicted:     n("handshake_evicted_total", "Flows in the handshake evicted for a newer SYN: -max-handshake-flows were in the handshake (also in closed_total{reason=\"idle\"})."),
+		untrackHS:   n("untracked_handshake_total", "New flows served but not tracked or replicated: -max-handshake-flows were in the handshake even after an eviction."),
 	}
 }
 
 // Describe implements prometheus.Collector.
 func (c *trackerCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.tracked, c.created, c.opened, c.restored, c.closed, c.untracked, c.bad} {
+	for _, d := range []*prometheus.Desc{c.tracked, c.created, c.opened, c.restored, c.closed, c.untracked, c.bad, c.handshaking, c.evicted, c.untrackHS} {
 		ch <- d
 	}
 }
@@ -246,6 +252,10 @@ func (c *trackerCollector) Collect(ch chan<- prometheus.Metric) {
 	cnt(c.closed, s.Closed.Replaced, "replaced")
 	cnt(c.closed, s.Closed.Moved, "moved")
 	cnt(c.untracked, s.Untracked)
+	hs := c.t.HandshakeStats()
+	ch <- prometheus.MustNewConstMetric(c.handshaking, prometheus.GaugeValue, float64(hs.Handshaking))
+	cnt(c.evicted, hs.Evicted)
+	cnt(c.untrackHS, hs.Untracked)
 	cnt(c.bad, s.Malformed, "malformed")
 	cnt(c.bad, s.BadChecksum, "bad_checksum")
 	cnt(c.bad, s.Fragments, "fragment")

@@ -60,6 +60,11 @@ type FlowsConfig struct {
 	// Max is the number of flows tracked (and replicated); flows past it
 	// are served but not tracked.
 	Max int `yaml:"max"`
+	// MaxHandshake bounds the tracked flows still in the handshake (SYN
+	// seen, not acked), within Max, so that a SYN flood cannot fill the
+	// table: when it is reached, a new SYN evicts the oldest half-open
+	// flow. 0 means a quarter of Max (handoff.DefaultMaxHandshaking).
+	MaxHandshake int `yaml:"max_handshake"`
 	// IdleTimeout removes flows that saw no packet for this long.
 	IdleTimeout time.Duration `yaml:"idle_timeout"`
 	// MaxReplicas is the number of other nodes' flows held as replicas.
@@ -69,7 +74,7 @@ type FlowsConfig struct {
 type clusterFlags struct {
 	listen, peers, ca, cert, key *string
 	takeover, replMode           *string
-	replicas, maxFlows           *int
+	replicas, maxFlows, maxHS    *int
 	insecure                     *bool
 	idle                         *time.Duration
 }
@@ -86,6 +91,7 @@ func registerClusterFlags(fs *flag.FlagSet, cfg *Config) *clusterFlags {
 		takeover: fs.String("takeover-policy", "", "takeover policy per service as name=migrate|forward|default,... (default: migrate for services that can resume, forward for others)"),
 		replMode: fs.String("replication-mode", "", "replication mode per service as name=async|sync,... (default async; sync holds output until replicas have the state)"),
 		maxFlows: fs.Int("max-flows", cfg.Flows.Max, "flows tracked and replicated; more are served untracked"),
+		maxHS:    fs.Int("max-handshake-flows", cfg.Flows.MaxHandshake, "tracked flows still in the handshake, within -max-flows; a new SYN beyond evicts the oldest (0: a quarter of -max-flows)"),
 		idle:     fs.Duration("flow-idle-timeout", cfg.Flows.IdleTimeout, "forget flows idle this long"),
 	}
 }
@@ -133,6 +139,8 @@ func (f *clusterFlags) apply(name string, cfg *Config) error {
 		cfg.Cluster.Replication = m
 	case "max-flows":
 		cfg.Flows.Max = *f.maxFlows
+	case "max-handshake-flows":
+		cfg.Flows.MaxHandshake = *f.maxHS
 	case "flow-idle-timeout":
 		cfg.Flows.IdleTimeout = *f.idle
 	}
@@ -231,6 +239,12 @@ func (c *ClusterConfig) validate(self, admin string) error {
 func (f *FlowsConfig) validate() error {
 	if f.Max < 1 || f.Max > 10_000_000 {
 		return fmt.Errorf("flows.max: %d out of range 1..10000000", f.Max)
+	}
+	if f.MaxHandshake == 0 {
+		f.MaxHandshake = handoff.DefaultMaxHandshaking(f.Max)
+	}
+	if f.MaxHandshake < 1 || f.MaxHandshake > f.Max {
+		return fmt.Errorf("flows.max_handshake: %d out of range 1..%d (flows.max)", f.MaxHandshake, f.Max)
 	}
 	if f.IdleTimeout < time.Second || f.IdleTimeout > 24*time.Hour {
 		return fmt.Errorf("flows.idle_timeout: %s out of range 1s..24h", f.IdleTimeout)

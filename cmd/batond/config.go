@@ -38,8 +38,12 @@ type Config struct {
 	Announce     string        `yaml:"announce"`
 	BGP          BGPConfig     `yaml:"bgp"`
 	DrainTimeout time.Duration `yaml:"drain_timeout"`
+	// MemoryLimit is the Go runtime's soft memory limit, e.g. 256MiB
+	// (memory.go); empty leaves the runtime's own (GOMEMLIMIT).
+	MemoryLimit string `yaml:"memory_limit"`
 
 	prefixes []netip.Prefix // parsed Anycast, filled by Validate
+	memLimit int64          // parsed MemoryLimit in bytes (0: not set)
 }
 
 // TUNConfig is the TUN device.
@@ -117,6 +121,7 @@ func loadConfig(args []string, stderr io.Writer) (*Config, error) {
 		pprof      = fs.Bool("pprof", false, "serve /debug/pprof on the metrics address")
 		logLevel   = fs.String("log-level", cfg.Log.Level, "log level: debug, info, warn, error")
 		logFormat  = fs.String("log-format", cfg.Log.Format, "log format: text or json")
+		memLimit   = fs.String("memory-limit", "", "soft memory limit of the Go runtime, e.g. 256MiB: the garbage collector works harder near it, nothing is refused (default: none, or GOMEMLIMIT)")
 		cf         = registerClusterFlags(fs, &cfg)
 		hf         = registerHealthFlags(fs, &cfg)
 	)
@@ -171,6 +176,8 @@ func loadConfig(args []string, stderr io.Writer) (*Config, error) {
 			cfg.Log.Level = *logLevel
 		case "log-format":
 			cfg.Log.Format = *logFormat
+		case "memory-limit":
+			cfg.MemoryLimit = *memLimit
 		default:
 			if ok, err := hf.apply(f.Name, &cfg); ok {
 				if err != nil && ferr == nil {
@@ -301,6 +308,9 @@ func (c *Config) Validate() error {
 		return err
 	}
 	if err := c.validateHealth(); err != nil {
+		return err
+	}
+	if err := c.validateMemoryLimit(); err != nil {
 		return err
 	}
 	switch c.Log.Level {

@@ -57,6 +57,14 @@ func TestConfigErrors(t *testing.T) {
 		{"replication not name=mode", []string{"-replication-mode", "echo"}, "", `replication-mode: "echo" is not name=mode`},
 		{"yaml replication", nil, "node: n1\nanycast: [192.0.2.1/32]\ncluster: {replication: {echo: Sync}}\n", `cluster.replication.echo: replication mode "Sync": want async or sync`},
 		{"yaml replication standalone", nil, "node: n1\nanycast: [192.0.2.1/32]\ncluster: {replication: {echo: sync}}\n", "cluster.replication.echo: sync mode needs the peer network (cluster.listen)"},
+		{"max flows", []string{"-max-flows", "0"}, "", "flows.max: 0 out of range 1..10000000"},
+		{"max handshake over max", []string{"-max-flows", "100", "-max-handshake-flows", "101"}, "", "flows.max_handshake: 101 out of range 1..100 (flows.max)"},
+		{"max handshake negative", []string{"-max-handshake-flows", "-1"}, "", "flows.max_handshake: -1 out of range 1..65536 (flows.max)"},
+		{"yaml max handshake", nil, "node: n1\nanycast: [192.0.2.1/32]\nflows: {max: 10, max_handshake: 20}\n", "flows.max_handshake: 20 out of range 1..10 (flows.max)"},
+		{"memory limit unit", []string{"-memory-limit", "256MB"}, "", `memory_limit: "256MB" is not a size (a whole number of bytes with an optional unit B, KiB, MiB, GiB or TiB, e.g. 256MiB)`},
+		{"memory limit small", []string{"-memory-limit", "1MiB"}, "", "memory_limit: 1MiB is below 32MiB"},
+		{"memory limit overflow", []string{"-memory-limit", "99999999999TiB"}, "", `memory_limit: "99999999999TiB" is not a size`},
+		{"yaml memory limit", nil, "node: n1\nanycast: [192.0.2.1/32]\nmemory_limit: 1.5GiB\n", `memory_limit: "1.5GiB" is not a size`},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

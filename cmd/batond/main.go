@@ -62,6 +62,7 @@ func run(args []string, stderr io.Writer) int {
 		return 2
 	}
 	log := newLogger(cfg.Log, stderr)
+	applyMemoryLimit(cfg, log)
 	d := &daemon{cfg: cfg, log: log, started: time.Now()}
 	if err := d.start(); err != nil {
 		d.stop()
