@@ -1,11 +1,13 @@
 package e2e
 
-// Split brain: two nodes that both hold a flow are partitioned from each
-// other on the peer network, the router moves the flow from its owner to
-// the other node (which restores it from its replica at a higher epoch,
-// the owner being unreachable), and the partition heals. The router
-// counts the flow's data segments by the node they come from (nftables
-// counters on its forward path, by incoming interface).
+// Split brain: the owner of a flow is partitioned from its replicas on the
+// peer network while the router moves the flow to a replica, then the
+// partition heals. The lease rules (handoff/lease.go) must keep at most
+// one node sending data for the flow at any time. The router counts the
+// flow's data segments by the node they come from (nftables counters on
+// its forward path, by incoming interface), and each node's segments sent
+// after another node's first one: a flow handed over from node to node
+// never has two nodes' segments interleaved.
 
 import (
 	"context"
@@ -23,14 +25,27 @@ import (
 )
 
 // countFlowSegments makes the router count the data segments (IP length
-// > 200) from the anycast stream port to the client port, per node link;
-// it returns a reader of the counts by node name.
+// > 200) from the anycast stream port to the client port, per node link,
+// and, for every ordered pair of nodes, node a's segments forwarded after
+// node b's first one (comment "naafternb"; nftables dynamic sets record
+// which nodes have sent). It returns a reader of the counts by comment.
 func countFlowSegments(t *testing.T, l *lab.Lab, clientPort int) func() map[string]uint64 {
 	t.Helper()
-	rules := "table inet splitbrain {\n  chain counted {\n    type filter hook forward priority 0; policy accept;\n"
+	rules := "table inet splitbrain {\n"
 	for i := range l.Nodes {
-		rules += fmt.Sprintf("    iifname %q ip saddr %s tcp sport %d tcp dport %d ip length > 200 counter comment %q\n",
-			l.Node(i).RouterLink, l.Anycast4, rrStreamPort, clientPort, lab.NodeName(i))
+		rules += fmt.Sprintf("  set started%s { type inet_service; flags dynamic; size 16; }\n", lab.NodeName(i))
+	}
+	rules += "  chain counted {\n    type filter hook forward priority 0; policy accept;\n"
+	for i := range l.Nodes {
+		match := fmt.Sprintf("iifname %q ip saddr %s tcp sport %d tcp dport %d ip length > 200",
+			l.Node(i).RouterLink, l.Anycast4, rrStreamPort, clientPort)
+		rules += fmt.Sprintf("    %s counter comment %q\n", match, lab.NodeName(i))
+		for j := range l.Nodes {
+			if j != i {
+				rules += fmt.Sprintf("    %s tcp dport @started%s counter comment %q\n", match, lab.NodeName(j), lab.NodeName(i)+"after"+lab.NodeName(j))
+			}
+		}
+		rules += fmt.Sprintf("    %s add @started%s { tcp dport }\n", match, lab.NodeName(i))
 	}
 	rules += "  }\n}\n"
 	nsRun(t, l.Router, rules, "nft", "-f", "-")
@@ -44,6 +59,23 @@ func countFlowSegments(t *testing.T, l *lab.Lab, clientPort int) func() map[stri
 	}
 }
 
+// interleaved returns the pairs of nodes whose data segments of the flow
+// interleaved: each sent some after the other's first. A flow handed from
+// one node to another (and never back) has none; two nodes sending at the
+// same time have.
+func interleaved(counts map[string]uint64, nodes int) []string {
+	var out []string
+	for i := range nodes {
+		for j := i + 1; j < nodes; j++ {
+			a, b := lab.NodeName(i), lab.NodeName(j)
+			if x, y := counts[a+"after"+b], counts[b+"after"+a]; x > 0 && y > 0 {
+				out = append(out, fmt.Sprintf("%s sent %d after %s's first, %s %d after %s's first", a, x, b, b, y, a))
+			}
+		}
+	}
+	return out
+}
+
 // flowCopy returns node i's own copy of flow k (nil when it has none).
 func flowCopy(ctx context.Context, c *takeoverCluster, i int, k string) (*batonv1.FlowState, error) {
 	fl, err := localFlows(ctx, c.admins[i])
@@ -53,126 +85,55 @@ func flowCopy(ctx context.Context, c *takeoverCluster, i int, k string) (*batonv
 	return fl[k], nil
 }
 
-// TestSplitBrainFencing: n1 owns a paced download, n2 holds its replica.
-// The peer network between them is cut; the router moves the flow to n2,
-// which restores it from the replica at a higher epoch while n1 still
-// owns it at the old one (both hold the flow). After the partition heals,
-// the states converge (n1 owns no flow any more, both record n2 as the
-// owner at n2's epoch) and from then on only n2 sends data segments of the flow
-// (router counters); the download ends exactly or reset, never wrong.
-// The old owner's segments while it was cut off (retransmissions of data
-// the client's acknowledgements, now going to n2, never confirmed to it)
-// are counted and logged.
-func TestSplitBrainFencing(t *testing.T) {
-	ctx := testCtx(t)
-	c := startCluster(t, ctx, 2, "btw", 1, nil)
+// splitBrainDownload starts one paced download to node 0 and waits until
+// n1 owns it and every other node holds its replica; it returns the flow
+// key and n1's epoch.
+func splitBrainDownload(t *testing.T, ctx context.Context, c *takeoverCluster, prefix int) (*rrDownload, int, string, uint64, *atomic.Int64, *atomic.Bool) {
+	t.Helper()
 	l := c.Lab
-	port := portsTo(t, l, rrStreamPort, 0, 1, 26000)[0]
+	port := portsTo(t, l, rrStreamPort, 0, 1, prefix)[0]
 	key := handoff.FlowKey{Client: netip.AddrPortFrom(l.ClientAddr4, uint16(port)), Anycast: netip.AddrPortFrom(l.Anycast4, rrStreamPort)}.String()
-	segments := countFlowSegments(t, l, port)
 	var rate atomic.Int64
 	var over atomic.Bool
 	rate.Store(512 << 10)
-	ds := rrStartDownloads(t, ctx, l, []int{port}, 16<<20, &rate, &over)
-	d := ds[0]
-
-	// n1 owns it, n2 holds the replica.
+	d := rrStartDownloads(t, ctx, l, []int{port}, 16<<20, &rate, &over)[0]
 	var e1 uint64
 	if err := waitFor(ctx, 30*time.Second, func() error {
-		own, err := flowCopy(ctx, c, 0, key)
-		if err != nil || own == nil || own.Owner != "n1" {
-			return fmt.Errorf("n1's copy %v, %v", own, err)
+		for i := range c.procs {
+			st, err := flowCopy(ctx, c, i, key)
+			if err != nil || st == nil || st.Owner != "n1" {
+				return fmt.Errorf("%s's copy %v, %v", lab.NodeName(i), st, err)
+			}
+			e1 = st.Epoch
 		}
-		rep, err := flowCopy(ctx, c, 1, key)
-		if err != nil || rep == nil || rep.Owner != "n1" {
-			return fmt.Errorf("n2's copy %v, %v", rep, err)
-		}
-		e1 = own.Epoch
 		return nil
 	}); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(time.Second)
+	return d, port, key, e1, &rate, &over
+}
 
-	heal := partitionPeers(t, l, 0, 1)
-	t.Cleanup(heal)
+// waitPartitionSeen waits until each pair sees the other down.
+func waitPartitionSeen(t *testing.T, ctx context.Context, c *takeoverCluster, pairs [][2]int) {
+	t.Helper()
 	if err := waitFor(ctx, time.Minute, func() error {
-		for _, pair := range [][2]int{{0, 1}, {1, 0}} {
-			if up, err := peerUp(ctx, c, pair[0], lab.NodeName(pair[1])); err != nil || up {
-				return fmt.Errorf("%s sees %s up (%v)", lab.NodeName(pair[0]), lab.NodeName(pair[1]), err)
+		for _, pair := range pairs {
+			for _, p := range [][2]int{pair, {pair[1], pair[0]}} {
+				if up, err := peerUp(ctx, c, p[0], lab.NodeName(p[1])); err != nil || up {
+					return fmt.Errorf("%s sees %s up (%v)", lab.NodeName(p[0]), lab.NodeName(p[1]), err)
+				}
 			}
 		}
 		return nil
 	}); err != nil {
 		t.Fatalf("partition not seen: %v", err)
 	}
-	if err := l.SetNexthops([]int{1}); err != nil {
-		t.Fatal(err)
-	}
-	var e2 uint64
-	if err := waitFor(ctx, time.Minute, func() error {
-		st, err := flowCopy(ctx, c, 1, key)
-		if err != nil || st == nil || st.Owner != "n2" {
-			return fmt.Errorf("n2's copy %v, %v", st, err)
-		}
-		e2 = st.Epoch
-		return nil
-	}); err != nil {
-		t.Fatalf("n2 did not take the flow over: %v", err)
-	}
-	atTakeover := segments()
-	old, err := flowCopy(ctx, c, 0, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if old == nil || old.Owner != "n1" {
-		t.Fatalf("n1's copy during the partition: %v (the scenario wants both nodes holding the flow)", old)
-	}
-	t.Logf("split brain: n1 owns the flow at epoch %d, n2 at epoch %d (n1's epoch before: %d)", old.Epoch, e2, e1)
-	if e2 <= old.Epoch {
-		t.Fatalf("n2 took the flow at epoch %d, not above n1's %d", e2, old.Epoch)
-	}
-	time.Sleep(3 * time.Second)
-	partitioned := segments()
-	heal()
-	t1 := time.Now()
-	if err := waitPeersUp(ctx, c.admins); err != nil {
-		t.Fatal(err)
-	}
-	// Convergence: n1 owns no flow any more and both copies say n2 at e2.
-	if err := waitFor(ctx, time.Minute, func() error {
-		h, err := c.admins[0].Health(ctx, &batonv1.HealthRequest{})
-		if err != nil || h.OwnedFlows != 0 {
-			return fmt.Errorf("n1 owns %d flows (%v)", h.GetOwnedFlows(), err)
-		}
-		for i := range 2 {
-			st, err := flowCopy(ctx, c, i, key)
-			if err != nil || st == nil || st.Owner != "n2" || st.Epoch != e2 {
-				return fmt.Errorf("%s's copy %v, %v", lab.NodeName(i), st, err)
-			}
-		}
-		return nil
-	}); err != nil {
-		t.Fatalf("states did not converge after the partition healed: %v", err)
-	}
-	converged := segments()
-	t.Logf("healed: states converged (owner n2, epoch %d on both) %s after the heal", e2, time.Since(t1).Round(time.Millisecond))
-	time.Sleep(3 * time.Second)
-	after := segments()
-	t.Logf("data segments of the flow by node: at the takeover %v, end of the partition %v, converged %v, 3 s later %v",
-		atTakeover, partitioned, converged, after)
-	t.Logf("n1 (old owner) sent %d data segments while cut off, %d between the heal and convergence, %d after convergence",
-		partitioned["n1"]-atTakeover["n1"], converged["n1"]-partitioned["n1"], after["n1"]-converged["n1"])
-	if n := after["n1"] - converged["n1"]; n != 0 {
-		t.Errorf("n1 sent %d data segments of the flow after the states converged on n2's epoch", n)
-	}
-	if after["n2"] <= converged["n2"] {
-		select {
-		case <-d.done:
-		default:
-			t.Errorf("n2 sent no data segment of the running flow after convergence")
-		}
-	}
+}
+
+// finishSplitBrain lets the download run fast to its end: exact, or
+// reset, never wrong.
+func finishSplitBrain(t *testing.T, d *rrDownload, rate *atomic.Int64, over *atomic.Bool) {
+	t.Helper()
 	over.Store(true)
 	rate.Store(rrEndRate)
 	select {
@@ -188,5 +149,157 @@ func TestSplitBrainFencing(t *testing.T) {
 	default:
 		t.Errorf("download: %v", d.err)
 	}
+}
+
+// waitConverged waits until n1 owns no flow and every node's copy of key
+// says owner n2 above epoch e1; it returns n2's epoch.
+func waitConverged(t *testing.T, ctx context.Context, c *takeoverCluster, key string, e1 uint64) uint64 {
+	t.Helper()
+	var e2 uint64
+	if err := waitFor(ctx, time.Minute, func() error {
+		h, err := c.admins[0].Health(ctx, &batonv1.HealthRequest{})
+		if err != nil || h.OwnedFlows != 0 {
+			return fmt.Errorf("n1 owns %d flows (%v)", h.GetOwnedFlows(), err)
+		}
+		for i := range c.procs {
+			st, err := flowCopy(ctx, c, i, key)
+			if err != nil || st == nil || st.Owner != "n2" || st.Epoch <= e1 || (e2 != 0 && st.Epoch != e2) {
+				return fmt.Errorf("%s's copy %v, %v", lab.NodeName(i), st, err)
+			}
+			e2 = st.Epoch
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("states did not converge after the partition healed: %v", err)
+	}
+	return e2
+}
+
+// TestSplitBrainNoMajority: two nodes, n1 owns a paced download, n2 holds
+// its replica; the peer network between them is cut and the router moves
+// the flow to n2. Neither side has a majority: n1 loses its lease and
+// fences the flow, n2 does not take it over (the owner may be alive) and
+// drops its packets without a reset. After the heal, n2 claims it from
+// n1 (live migration) and the download ends exactly. Asserted: the two
+// nodes' data segments of the flow never interleave; n2 owns
+// nothing during the partition; n1 reports its lease lost and fenced
+// packets, n2 dropped packets awaiting proof; the states converge on n2.
+func TestSplitBrainNoMajority(t *testing.T) {
+	ctx := testCtx(t)
+	c := startCluster(t, ctx, 2, "btw", 1, nil)
+	l := c.Lab
+	d, port, key, e1, rate, over := splitBrainDownload(t, ctx, c, 26000)
+	segments := countFlowSegments(t, l, port)
+	time.Sleep(time.Second)
+
+	heal := partitionPeers(t, l, 0, 1)
+	t.Cleanup(heal)
+	cut := time.Now()
+	waitPartitionSeen(t, ctx, c, [][2]int{{0, 1}})
+	if err := l.SetNexthops([]int{1}); err != nil {
+		t.Fatal(err)
+	}
+	// Well past the lease (3 s) and its margin: n1 has fenced the flow,
+	// n2 has seen the client's packets and not taken the flow over.
+	if err := waitFor(ctx, time.Minute, func() error {
+		if v := c.counter(0, "lease_held", ""); v != 0 {
+			return fmt.Errorf("n1 lease_held %v", v)
+		}
+		if v := c.counter(0, "packets_total", `what="lease_fenced"`); v == 0 {
+			return fmt.Errorf("n1 fenced no packet yet")
+		}
+		if v := c.counter(1, "packets_total", `what="await_gone"`); v == 0 {
+			return fmt.Errorf("n2 dropped no packet awaiting proof yet")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	if st, err := flowCopy(ctx, c, 1, key); err != nil || (st != nil && st.Owner == "n2") {
+		t.Fatalf("n2 took the flow over during the partition (%v, %v)", st, err)
+	}
+	if n := c.counter(1, "total", ""); n != 0 {
+		t.Fatalf("n2 counted %v takeovers during the partition", n)
+	}
+	t.Logf("partitioned %s: n1 fenced %v packets, n2 dropped %v awaiting proof, no takeover",
+		time.Since(cut).Round(100*time.Millisecond), c.counter(0, "packets_total", `what="lease_fenced"`), c.counter(1, "packets_total", `what="await_gone"`))
+
+	heal()
+	t1 := time.Now()
+	if err := waitPeersUp(ctx, c.admins); err != nil {
+		t.Fatal(err)
+	}
+	e2 := waitConverged(t, ctx, c, key, e1)
+	t.Logf("healed: n2 owns the flow at epoch %d (n1's was %d) %s after the heal; pull-migrate on n2: %v",
+		e2, e1, time.Since(t1).Round(time.Millisecond), c.counter(1, "total", `kind="pull-migrate"`))
+	time.Sleep(2 * time.Second)
+	counts := segments()
+	t.Logf("data segments of the flow by node, and after another node's first: %v", counts)
+	if bad := interleaved(counts, len(c.procs)); len(bad) > 0 {
+		t.Errorf("two nodes sent data segments of the flow interleaved: %v", bad)
+	}
+	finishSplitBrain(t, d, rate, over)
+	c.logMetrics()
+}
+
+// TestSplitBrainMinorityFenced: three nodes, n1 owns a paced download, n2
+// and n3 hold its replicas; n1 is cut off from both on the peer network
+// and the router moves the flow to n2. n1, without a majority, loses its
+// lease and fences the flow; n2 and n3 have not heard n1 for longer than
+// the lease and its margin (each tells the other), so the flow is taken
+// over (restored at a higher epoch) on the majority side. Asserted: no two
+// nodes' data segments of the flow interleave; the
+// majority side takes the flow over during the partition; after the heal
+// the states converge on n2; the download ends exactly or reset.
+func TestSplitBrainMinorityFenced(t *testing.T) {
+	ctx := testCtx(t)
+	c := startCluster(t, ctx, 3, "btm", 2, nil)
+	l := c.Lab
+	d, port, key, e1, rate, over := splitBrainDownload(t, ctx, c, 27000)
+	segments := countFlowSegments(t, l, port)
+	time.Sleep(time.Second)
+
+	heal1 := partitionPeers(t, l, 0, 1)
+	heal2 := partitionPeers(t, l, 0, 2)
+	t.Cleanup(heal1)
+	t.Cleanup(heal2)
+	cut := time.Now()
+	waitPartitionSeen(t, ctx, c, [][2]int{{0, 1}, {0, 2}})
+	if err := l.SetNexthops([]int{1}); err != nil {
+		t.Fatal(err)
+	}
+	var e2 uint64
+	if err := waitFor(ctx, time.Minute, func() error {
+		st, err := flowCopy(ctx, c, 1, key)
+		if err != nil || st == nil || st.Owner != "n2" {
+			return fmt.Errorf("n2's copy %v, %v", st, err)
+		}
+		e2 = st.Epoch
+		return nil
+	}); err != nil {
+		t.Fatalf("the majority side did not take the flow over: %v", err)
+	}
+	t.Logf("n2 owns the flow at epoch %d (n1's %d) %s after the cut; n1 lease_held %v, fenced %v packets",
+		e2, e1, time.Since(cut).Round(100*time.Millisecond), c.counter(0, "lease_held", ""), c.counter(0, "packets_total", `what="lease_fenced"`))
+	if v := c.counter(0, "lease_held", ""); v != 0 {
+		t.Errorf("n1, cut off from the majority, holds its lease (lease_held %v)", v)
+	}
+	time.Sleep(2 * time.Second)
+	heal1()
+	heal2()
+	t1 := time.Now()
+	if err := waitPeersUp(ctx, c.admins); err != nil {
+		t.Fatal(err)
+	}
+	e2 = waitConverged(t, ctx, c, key, e1)
+	t.Logf("healed: states converged on n2 at epoch %d %s after the heal", e2, time.Since(t1).Round(time.Millisecond))
+	time.Sleep(2 * time.Second)
+	counts := segments()
+	t.Logf("data segments of the flow by node, and after another node's first: %v", counts)
+	if bad := interleaved(counts, len(c.procs)); len(bad) > 0 {
+		t.Errorf("two nodes sent data segments of the flow interleaved: %v", bad)
+	}
+	finishSplitBrain(t, d, rate, over)
 	c.logMetrics()
 }

@@ -45,12 +45,19 @@ type Members struct {
 	state   map[string]*memberState
 	live    []string // sorted, self included
 	changed chan struct{}
+	lease   time.Duration // lease.go; 0: DefaultLease
 }
 
 type memberState struct {
 	out      bool // outbound stream established and acked
 	in       int  // inbound streams open
 	lastSeen time.Time
+	// Lease bookkeeping (lease.go): when the newest batch this peer
+	// acknowledged was sent; whether its process was found gone; its
+	// latest report of what it hears.
+	support time.Time
+	dead    bool
+	report  heardReport
 }
 
 func (s *memberState) up() bool { return s.out || s.in > 0 }
@@ -154,9 +161,12 @@ func (m *Members) update(name string, fn func(*memberState)) {
 	if !ok {
 		return
 	}
-	was := s.up()
+	was, wasDead := s.up(), s.dead
 	fn(s)
 	if s.up() == was {
+		if s.dead != wasDead {
+			m.notifyLocked()
+		}
 		return
 	}
 	live := []string{m.self}
@@ -167,6 +177,11 @@ func (m *Members) update(name string, fn func(*memberState)) {
 	}
 	sort.Strings(live)
 	m.live = live
+	m.notifyLocked()
+}
+
+// notifyLocked wakes the watchers (Watch).
+func (m *Members) notifyLocked() {
 	close(m.changed)
 	m.changed = make(chan struct{})
 }
@@ -176,12 +191,13 @@ func (m *Members) setOutbound(name string, up bool) {
 		s.out = up
 		if up {
 			s.lastSeen = time.Now()
+			s.dead = false
 		}
 	})
 }
 
 func (m *Members) inboundOpened(name string) {
-	m.update(name, func(s *memberState) { s.in++; s.lastSeen = time.Now() })
+	m.update(name, func(s *memberState) { s.in++; s.lastSeen = time.Now(); s.dead = false })
 }
 
 func (m *Members) inboundClosed(name string) {
@@ -196,6 +212,10 @@ func (m *Members) seen(name string, t time.Time) {
 	m.mu.Lock()
 	if s, ok := m.state[name]; ok {
 		s.lastSeen = t
+		if s.dead {
+			s.dead = false // it is back (lease.go)
+			m.notifyLocked()
+		}
 	}
 	m.mu.Unlock()
 }

@@ -223,6 +223,12 @@ func (l *link) run(ctx context.Context) {
 			return
 		}
 		l.setError(err)
+		if !l.r.members.Dead(l.peer.Name) && probeDead(ctx, l.peer.Addr) {
+			// Nothing listens on its peer port: its process is gone
+			// (lease.go: its flows may be taken over at once).
+			l.r.members.markDead(l.peer.Name)
+			l.r.log.Info("replication: peer is dead (connection refused)", "peer", l.peer.Name)
+		}
 		switch {
 		case up:
 			l.r.log.Warn("replication: stream to peer ended", "peer", l.peer.Name, "err", err)
@@ -325,6 +331,7 @@ type session struct {
 	cancel     context.CancelCauseFunc
 	seq        uint64
 	hb         *time.Timer // sender goroutine only
+	lastReport time.Time   // sender goroutine only: the last batch with a heard report
 	acked      chan struct{}
 	firstAck   chan struct{}
 	readerDone chan struct{}
@@ -378,13 +385,18 @@ func (ss *session) sendBatch(entries []qentry, begin, end bool) error {
 		}
 	}
 	ss.seq++
+	now := time.Now()
 	b := &batonv1.FlowBatch{
 		Sender:       l.r.cfg.Self,
 		Seq:          ss.seq,
 		Events:       events,
 		ResyncBegin:  begin,
 		ResyncEnd:    end,
-		SentUnixNano: time.Now().UnixNano(),
+		SentUnixNano: now.UnixNano(),
+	}
+	if now.Sub(ss.lastReport) >= reportEvery {
+		ss.lastReport = now
+		b.Heard = l.r.members.heardReports(now) // lease.go
 	}
 	ss.mu.Lock()
 	ss.inflight = append(ss.inflight, inflightBatch{seq: ss.seq, sent: mono(), bytes: size, taken: taken, sync: syncStates})
@@ -558,6 +570,7 @@ func (ss *session) readAcks() {
 		default:
 		}
 		l.r.members.seen(l.peer.Name, wall)
+		l.r.members.supported(l.peer.Name, monoBase.Add(time.Duration(f.sent-1))) // lease.go
 		if len(f.sync) > 0 && ack.Rejected == 0 {
 			if sy := l.r.repl.sync.Load(); sy != nil {
 				sy.acked(l.idx, f.sync) // releases held packets

@@ -157,7 +157,9 @@ func (s *peerServer) Replicate(stream batonv1.Peer_ReplicateServer) error {
 func (s *peerServer) apply(sender string, b *batonv1.FlowBatch, inResync *bool, keep *map[FlowKey]struct{}) *batonv1.BatchAck {
 	r := s.r
 	ack := &batonv1.BatchAck{Seq: b.Seq}
-	r.members.seen(sender, time.Now())
+	now := time.Now()
+	r.members.seen(sender, now)
+	r.members.report(sender, b.Heard, now) // lease.go
 	if n := len(b.Events); n > MaxBatchEvents {
 		ack.Rejected, ack.FirstReject = uint32(n), RejectTooLarge
 		r.rejects.add(sender, RejectTooLarge, n, fmt.Sprintf("batch %d of %d events (max %d)", b.Seq, n, MaxBatchEvents))

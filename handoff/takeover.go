@@ -255,6 +255,13 @@ type Engine struct {
 	nHold    atomic.Int64
 	nQueued  atomic.Int64
 
+	// Lease (takeover_lease.go): leaseFence is the unix nanosecond before
+	// which established flows are fenced (0: none); awaiting holds the
+	// peers a goroutine waits for until they are certainly gone.
+	leaseFence atomic.Int64
+	goneMu     sync.Mutex
+	awaiting   map[string]bool
+
 	resMu   sync.Mutex
 	resumes map[FlowKey]*pendingResume
 
@@ -320,6 +327,7 @@ func NewEngine(cfg EngineConfig) (*Engine, error) {
 		nic:      1,
 		mtu:      int(cfg.Stack.Endpoint().MTU()),
 		resumes:  make(map[FlowKey]*pendingResume),
+		awaiting: make(map[string]bool),
 		sem:      make(chan struct{}, cfg.MaxTakeovers),
 		ctx:      ctx,
 		cancel:   cancel,
@@ -354,9 +362,10 @@ func (e *Engine) FenceHook() stack.Hook { return e.fence }
 func (e *Engine) Start() {
 	e.startOnce.Do(func() {
 		e.r.engine.Store(e)
-		e.wg.Add(2)
+		e.wg.Add(3)
 		go func() { defer e.wg.Done(); e.watchMembers() }()
 		go func() { defer e.wg.Done(); e.janitor() }()
+		go func() { defer e.wg.Done(); e.watchLease() }()
 	})
 }
 

@@ -28,7 +28,7 @@ func (e *Engine) designatedState(ctx context.Context, k FlowKey) (st *batonv1.Fl
 		st = e.lookupPeers(ctx, k)
 		ok = st != nil && st.Owner != e.self
 	}
-	if !ok || e.alive(st.Owner) || e.designated(k, st.Owner) != e.self {
+	if !ok || e.alive(st.Owner) || e.designated(k, st.Owner) != e.self || !e.ownerGone(st.Owner) {
 		return nil, false
 	}
 	return st, true

@@ -21,7 +21,9 @@ package handoff
 // exact: an outbound packet reaches the fence only after the tracker
 // recorded it, so once a flow is held, everything that can still reach the
 // client is already in the tracker's state, and everything else is
-// dropped. Its fast path is one atomic load (no flow held: pass).
+// dropped. It also drops the outbound packets of this node's flows while
+// it holds no lease (lease.go). Its fast path is two atomic loads (no flow
+// held, lease held: pass).
 
 import (
 	"time"
@@ -37,7 +39,7 @@ func (*fenceHook) Name() string { return "handoff-fence" }
 
 func (h *fenceHook) verdict(p *stack.Packet, inbound bool) stack.Verdict {
 	e := h.e
-	if e.nHold.Load() == 0 {
+	if e.nHold.Load() == 0 && e.leaseFence.Load() == 0 {
 		return stack.Pass
 	}
 	seg, res := parseTCPSegment(p.Data, inbound, e.prefixes)
@@ -47,6 +49,9 @@ func (h *fenceHook) verdict(p *stack.Packet, inbound bool) stack.Verdict {
 	if f := e.lookup(seg.key); f != nil && f.get() == esHold {
 		e.m.packet(pktFenced)
 		return stack.Drop
+	}
+	if !inbound {
+		return e.leaseVerdict(&seg) // takeover_lease.go
 	}
 	return stack.Pass
 }

@@ -56,10 +56,12 @@ const (
 	pktForwardIn             // packets a peer tunnelled to this node, delivered
 	pktForwardDropped        // tunnelled packets dropped (queue full, peer down, invalid)
 	pktForwardUnknown        // tunnelled packets of flows this node does not have
+	pktLeaseFenced           // packets of own flows dropped while this node held no lease (lease.go)
+	pktAwaitGone             // client packets dropped: their owner unreachable, not proven gone (lease.go)
 	pktKinds
 )
 
-var pktNames = [pktKinds]string{"queued", "replayed", "queue_dropped", "fenced", "forward_out", "forward_in", "forward_dropped", "forward_unknown"}
+var pktNames = [pktKinds]string{"queued", "replayed", "queue_dropped", "fenced", "forward_out", "forward_in", "forward_dropped", "forward_unknown", "lease_fenced", "await_gone"}
 
 // latencyRing keeps the most recent samples for Stats.
 const latencyRing = 1024
@@ -73,8 +75,9 @@ type engineMetrics struct {
 	latN      int
 	restN     int
 
-	unknown atomic.Uint64
-	packets [pktKinds]atomic.Uint64
+	unknown   atomic.Uint64
+	packets   [pktKinds]atomic.Uint64
+	leaseHeld atomic.Int32 // 1 while the lease is held and nothing is fenced
 
 	latHist    *prometheus.HistogramVec
 	restHist   prometheus.Histogram
@@ -84,6 +87,7 @@ type engineMetrics struct {
 	dUnknown   *prometheus.Desc
 	dPackets   *prometheus.Desc
 	dFlows     *prometheus.Desc
+	dLease     *prometheus.Desc
 	flows      func() map[string]int
 }
 
@@ -96,7 +100,7 @@ func newEngineMetrics(node string) *engineMetrics {
 	// The takeover latency's target is p50 <= 1 ms, p99 <= 5 ms: buckets
 	// 19% apart, so that a quantile read from them is that close.
 	latBuckets := prometheus.ExponentialBuckets(0.0001, 1.19, 70) // 0.1 ms .. 19 s
-	return &engineMetrics{
+	m := &engineMetrics{
 		takeovers: map[string]uint64{},
 		failures:  map[string]uint64{},
 		rsts:      map[string]uint64{},
@@ -118,7 +122,10 @@ func newEngineMetrics(node string) *engineMetrics {
 		dUnknown:   d("unknown_flows_total", "Misrouted flows unknown everywhere, left to the stack (which resets them)."),
 		dPackets:   d("packets_total", "Packets of flows in transit, by what happened to them.", "what"),
 		dFlows:     d("flows", "Flows in the takeover table, by state.", "state"),
+		dLease:     d("lease_held", "1 while this node holds its lease (a majority of the cluster acknowledges it) and fences none of its flows, else 0 (handoff/lease.go)."),
 	}
+	m.leaseHeld.Store(1)
+	return m
 }
 
 func (m *engineMetrics) count(mp map[string]uint64, key string) {
@@ -157,7 +164,7 @@ func (m *engineMetrics) restored(d time.Duration) {
 
 // Describe implements prometheus.Collector.
 func (m *engineMetrics) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{m.dTakeovers, m.dFailures, m.dRSTs, m.dUnknown, m.dPackets, m.dFlows} {
+	for _, d := range []*prometheus.Desc{m.dTakeovers, m.dFailures, m.dRSTs, m.dUnknown, m.dPackets, m.dFlows, m.dLease} {
 		ch <- d
 	}
 	m.latHist.Describe(ch)
@@ -184,6 +191,7 @@ func (m *engineMetrics) Collect(ch chan<- prometheus.Metric) {
 	for i := range m.packets {
 		cnt(m.dPackets, m.packets[i].Load(), pktNames[i])
 	}
+	ch <- prometheus.MustNewConstMetric(m.dLease, prometheus.GaugeValue, float64(m.leaseHeld.Load()))
 	if m.flows != nil {
 		for s, n := range m.flows() {
 			ch <- prometheus.MustNewConstMetric(m.dFlows, prometheus.GaugeValue, float64(n), s)

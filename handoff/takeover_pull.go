@@ -90,6 +90,17 @@ func (e *Engine) pullRun(ctx context.Context, f *flowEntry) error {
 	case errorsIsUnknown(err):
 		e.deliverUnknown(f)
 		return nil
+	case err == errAwaitGone:
+		// No verdict: the packets are dropped, the next one decides
+		// again (takeover_lease.go).
+		f.mu.Lock()
+		n := len(f.queue)
+		f.mu.Unlock()
+		for range max(n, 1) {
+			e.m.packet(pktAwaitGone)
+		}
+		e.drop(f)
+		return nil
 	}
 	if e.ctx.Err() != nil {
 		// Shutting down: no verdict on the flow (a stopping node resets
@@ -201,7 +212,12 @@ func (e *Engine) pull(ctx context.Context, f *flowEntry) (*batonv1.FlowState, er
 				return known, fail(reasonClaimRefused, "owner %s refused: %s", owner, resp.Reason)
 			}
 
-		default: // the owner is dead
+		default: // the owner is down
+			if !e.ownerGone(owner) {
+				// Maybe alive behind a partition (lease.go): nobody
+				// takes its flows over yet.
+				return known, errAwaitGone
+			}
 			d := e.designated(k, owner)
 			if d == e.self || d == "" {
 				if s.ClientSyn == nil { // a hint: fetch the state

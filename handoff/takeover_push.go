@@ -67,6 +67,19 @@ func (e *Engine) watchMembers() {
 // this node is the designated replica are pushed.
 func (e *Engine) peerDown(peer string) {
 	e.stopForwarder(peer)
+	if gone, why := e.r.members.Gone(peer, time.Now()); !gone {
+		// Unreachable but maybe alive, and then maybe still sending for
+		// its flows (lease.go): wait until it is certainly gone.
+		e.log.Info("takeover: peer down, waiting until it is certainly gone", "peer", peer, "why", why)
+		e.awaitGone(peer)
+		return
+	}
+	e.pushFlowsOf(peer)
+}
+
+// pushFlowsOf pushes the flows held from peer, which is certainly gone,
+// for which this node is the designated replica.
+func (e *Engine) pushFlowsOf(peer string) {
 	var states []*batonv1.FlowState
 	e.r.store.Range(func(st *batonv1.FlowState) bool {
 		if st.Owner == peer {

@@ -95,6 +95,7 @@ func (d *daemon) startHandoff() error {
 	if err != nil {
 		return err
 	}
+	repl.Members().SetLease(cfg.Cluster.Lease)
 	engine, err := handoff.NewEngine(handoff.EngineConfig{
 		Stack:       d.st,
 		Tracker:     d.tracker,

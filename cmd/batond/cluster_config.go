@@ -40,6 +40,11 @@ type ClusterConfig struct {
 	// flow's outbound packets wait until its replicas hold the state they
 	// reveal, so a crash takeover is lossless; see handoff/sync.go).
 	Replication map[string]string `yaml:"replication"`
+	// Lease is how long this node keeps sending for its flows after a
+	// majority of the cluster last acknowledged it, and how long peers wait
+	// (plus a margin) before taking over a peer they cannot reach but did
+	// not find dead (handoff/lease.go). 0: handoff.DefaultLease.
+	Lease time.Duration `yaml:"lease"`
 }
 
 // PeerConfig is one other node.
@@ -76,7 +81,7 @@ type clusterFlags struct {
 	takeover, replMode           *string
 	replicas, maxFlows, maxHS    *int
 	insecure                     *bool
-	idle                         *time.Duration
+	idle, lease                  *time.Duration
 }
 
 func registerClusterFlags(fs *flag.FlagSet, cfg *Config) *clusterFlags {
@@ -93,6 +98,7 @@ func registerClusterFlags(fs *flag.FlagSet, cfg *Config) *clusterFlags {
 		maxFlows: fs.Int("max-flows", cfg.Flows.Max, "flows tracked and replicated; more are served untracked"),
 		maxHS:    fs.Int("max-handshake-flows", cfg.Flows.MaxHandshake, "tracked flows still in the handshake, within -max-flows; a new SYN beyond evicts the oldest (0: a quarter of -max-flows)"),
 		idle:     fs.Duration("flow-idle-timeout", cfg.Flows.IdleTimeout, "forget flows idle this long"),
+		lease:    fs.Duration("lease", cfg.Cluster.Lease, "lease: a node cut off from a majority for this long stops sending for its flows, and peers take over an unreachable (not dead) node only after it (0: 3s)"),
 	}
 }
 
@@ -143,6 +149,8 @@ func (f *clusterFlags) apply(name string, cfg *Config) error {
 		cfg.Flows.MaxHandshake = *f.maxHS
 	case "flow-idle-timeout":
 		cfg.Flows.IdleTimeout = *f.idle
+	case "lease":
+		cfg.Cluster.Lease = *f.lease
 	}
 	return nil
 }
@@ -169,6 +177,9 @@ func (c *ClusterConfig) validate(self, admin string) error {
 	}
 	if c.Replicas < 1 || c.Replicas > 16 {
 		return fmt.Errorf("cluster.replicas: %d out of range 1..16", c.Replicas)
+	}
+	if c.Lease != 0 && (c.Lease < 1500*time.Millisecond || c.Lease > time.Minute) {
+		return fmt.Errorf("cluster.lease: %s out of range 1.5s..1m (heartbeats go every second)", c.Lease)
 	}
 	for name, pol := range c.Takeover {
 		e, err := services.Builtin().Lookup(name)

@@ -36,6 +36,8 @@ func TestConfigErrors(t *testing.T) {
 		{"mtu small", []string{"-mtu", "100"}, "", "tun.mtu: 100 out of range 576..65535"},
 		{"mtu v6", []string{"-anycast", "2001:db8:a::1/128", "-mtu", "1000"}, "", "tun.mtu: 1000 out of range 1280..65535"},
 		{"queues", []string{"-queues", "0"}, "", "tun.queues: 0 out of range 1..16"},
+		{"lease short", []string{"-anycast", "192.0.2.1/32", "-lease", "1s"}, "", "cluster.lease: 1s out of range 1.5s..1m"},
+		{"lease yaml", nil, "anycast: [192.0.2.1/32]\ncluster:\n  lease: 2m\n", "cluster.lease: 2m0s out of range 1.5s..1m"},
 		{"admin relative", []string{"-admin", "unix:rel.sock"}, "", "admin: \"unix:rel.sock\" needs an absolute socket path"},
 		{"admin garbage", []string{"-admin", "localhost"}, "", `admin: "localhost" is not host:port or unix:/path`},
 		{"metrics unix", []string{"-metrics", "unix:/x"}, "", "metrics: \"unix:/x\": unix sockets are not supported here"},

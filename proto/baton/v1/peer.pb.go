@@ -29,11 +29,16 @@ type FlowBatch struct {
 	// Sender's node name; must match its certificate.
 	Sender string `protobuf:"bytes,1,opt,name=sender,proto3" json:"sender,omitempty"`
 	// Batch sequence number on this stream, from 1.
-	Seq           uint64       `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
-	Events        []*FlowEvent `protobuf:"bytes,3,rep,name=events,proto3" json:"events,omitempty"`
-	ResyncBegin   bool         `protobuf:"varint,4,opt,name=resync_begin,json=resyncBegin,proto3" json:"resync_begin,omitempty"`
-	ResyncEnd     bool         `protobuf:"varint,5,opt,name=resync_end,json=resyncEnd,proto3" json:"resync_end,omitempty"`
-	SentUnixNano  int64        `protobuf:"varint,6,opt,name=sent_unix_nano,json=sentUnixNano,proto3" json:"sent_unix_nano,omitempty"`
+	Seq          uint64       `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
+	Events       []*FlowEvent `protobuf:"bytes,3,rep,name=events,proto3" json:"events,omitempty"`
+	ResyncBegin  bool         `protobuf:"varint,4,opt,name=resync_begin,json=resyncBegin,proto3" json:"resync_begin,omitempty"`
+	ResyncEnd    bool         `protobuf:"varint,5,opt,name=resync_end,json=resyncEnd,proto3" json:"resync_end,omitempty"`
+	SentUnixNano int64        `protobuf:"varint,6,opt,name=sent_unix_nano,json=sentUnixNano,proto3" json:"sent_unix_nano,omitempty"`
+	// What the sender has heard from each member (a report for the lease
+	// rules of handoff/lease.go): how long before sending this batch it last
+	// received anything from that member. Sent at most every few hundred
+	// milliseconds (heartbeats carry it).
+	Heard         []*HeardReport `protobuf:"bytes,7,rep,name=heard,proto3" json:"heard,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -110,6 +115,66 @@ func (x *FlowBatch) GetSentUnixNano() int64 {
 	return 0
 }
 
+func (x *FlowBatch) GetHeard() []*HeardReport {
+	if x != nil {
+		return x.Heard
+	}
+	return nil
+}
+
+type HeardReport struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Node  string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	// Nanoseconds since the sender last heard node; -1: never.
+	AgeNanos      int64 `protobuf:"varint,2,opt,name=age_nanos,json=ageNanos,proto3" json:"age_nanos,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HeardReport) Reset() {
+	*x = HeardReport{}
+	mi := &file_baton_v1_peer_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HeardReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HeardReport) ProtoMessage() {}
+
+func (x *HeardReport) ProtoReflect() protoreflect.Message {
+	mi := &file_baton_v1_peer_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HeardReport.ProtoReflect.Descriptor instead.
+func (*HeardReport) Descriptor() ([]byte, []int) {
+	return file_baton_v1_peer_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *HeardReport) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *HeardReport) GetAgeNanos() int64 {
+	if x != nil {
+		return x.AgeNanos
+	}
+	return 0
+}
+
 type BatchAck struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Seq      uint64                 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
@@ -123,7 +188,7 @@ type BatchAck struct {
 
 func (x *BatchAck) Reset() {
 	*x = BatchAck{}
-	mi := &file_baton_v1_peer_proto_msgTypes[1]
+	mi := &file_baton_v1_peer_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -135,7 +200,7 @@ func (x *BatchAck) String() string {
 func (*BatchAck) ProtoMessage() {}
 
 func (x *BatchAck) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_peer_proto_msgTypes[1]
+	mi := &file_baton_v1_peer_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -148,7 +213,7 @@ func (x *BatchAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchAck.ProtoReflect.Descriptor instead.
 func (*BatchAck) Descriptor() ([]byte, []int) {
-	return file_baton_v1_peer_proto_rawDescGZIP(), []int{1}
+	return file_baton_v1_peer_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *BatchAck) GetSeq() uint64 {
@@ -188,7 +253,7 @@ type LookupRequest struct {
 
 func (x *LookupRequest) Reset() {
 	*x = LookupRequest{}
-	mi := &file_baton_v1_peer_proto_msgTypes[2]
+	mi := &file_baton_v1_peer_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -200,7 +265,7 @@ func (x *LookupRequest) String() string {
 func (*LookupRequest) ProtoMessage() {}
 
 func (x *LookupRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_peer_proto_msgTypes[2]
+	mi := &file_baton_v1_peer_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -213,7 +278,7 @@ func (x *LookupRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LookupRequest.ProtoReflect.Descriptor instead.
 func (*LookupRequest) Descriptor() ([]byte, []int) {
-	return file_baton_v1_peer_proto_rawDescGZIP(), []int{2}
+	return file_baton_v1_peer_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *LookupRequest) GetKey() *FlowKey {
@@ -235,7 +300,7 @@ type LookupResponse struct {
 
 func (x *LookupResponse) Reset() {
 	*x = LookupResponse{}
-	mi := &file_baton_v1_peer_proto_msgTypes[3]
+	mi := &file_baton_v1_peer_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -247,7 +312,7 @@ func (x *LookupResponse) String() string {
 func (*LookupResponse) ProtoMessage() {}
 
 func (x *LookupResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_peer_proto_msgTypes[3]
+	mi := &file_baton_v1_peer_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -260,7 +325,7 @@ func (x *LookupResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LookupResponse.ProtoReflect.Descriptor instead.
 func (*LookupResponse) Descriptor() ([]byte, []int) {
-	return file_baton_v1_peer_proto_rawDescGZIP(), []int{3}
+	return file_baton_v1_peer_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *LookupResponse) GetFound() bool {
@@ -292,7 +357,7 @@ type ListOwnedRequest struct {
 
 func (x *ListOwnedRequest) Reset() {
 	*x = ListOwnedRequest{}
-	mi := &file_baton_v1_peer_proto_msgTypes[4]
+	mi := &file_baton_v1_peer_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -304,7 +369,7 @@ func (x *ListOwnedRequest) String() string {
 func (*ListOwnedRequest) ProtoMessage() {}
 
 func (x *ListOwnedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_peer_proto_msgTypes[4]
+	mi := &file_baton_v1_peer_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -317,7 +382,7 @@ func (x *ListOwnedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOwnedRequest.ProtoReflect.Descriptor instead.
 func (*ListOwnedRequest) Descriptor() ([]byte, []int) {
-	return file_baton_v1_peer_proto_rawDescGZIP(), []int{4}
+	return file_baton_v1_peer_proto_rawDescGZIP(), []int{5}
 }
 
 type ClaimRequest struct {
@@ -331,7 +396,7 @@ type ClaimRequest struct {
 
 func (x *ClaimRequest) Reset() {
 	*x = ClaimRequest{}
-	mi := &file_baton_v1_peer_proto_msgTypes[5]
+	mi := &file_baton_v1_peer_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -343,7 +408,7 @@ func (x *ClaimRequest) String() string {
 func (*ClaimRequest) ProtoMessage() {}
 
 func (x *ClaimRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_peer_proto_msgTypes[5]
+	mi := &file_baton_v1_peer_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -356,7 +421,7 @@ func (x *ClaimRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClaimRequest.ProtoReflect.Descriptor instead.
 func (*ClaimRequest) Descriptor() ([]byte, []int) {
-	return file_baton_v1_peer_proto_rawDescGZIP(), []int{5}
+	return file_baton_v1_peer_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ClaimRequest) GetKey() *FlowKey {
@@ -402,7 +467,7 @@ type ClaimResponse struct {
 
 func (x *ClaimResponse) Reset() {
 	*x = ClaimResponse{}
-	mi := &file_baton_v1_peer_proto_msgTypes[6]
+	mi := &file_baton_v1_peer_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -414,7 +479,7 @@ func (x *ClaimResponse) String() string {
 func (*ClaimResponse) ProtoMessage() {}
 
 func (x *ClaimResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_peer_proto_msgTypes[6]
+	mi := &file_baton_v1_peer_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -427,7 +492,7 @@ func (x *ClaimResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClaimResponse.ProtoReflect.Descriptor instead.
 func (*ClaimResponse) Descriptor() ([]byte, []int) {
-	return file_baton_v1_peer_proto_rawDescGZIP(), []int{6}
+	return file_baton_v1_peer_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ClaimResponse) GetGranted() bool {
@@ -483,7 +548,7 @@ type ReleaseRequest struct {
 
 func (x *ReleaseRequest) Reset() {
 	*x = ReleaseRequest{}
-	mi := &file_baton_v1_peer_proto_msgTypes[7]
+	mi := &file_baton_v1_peer_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -495,7 +560,7 @@ func (x *ReleaseRequest) String() string {
 func (*ReleaseRequest) ProtoMessage() {}
 
 func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_peer_proto_msgTypes[7]
+	mi := &file_baton_v1_peer_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -508,7 +573,7 @@ func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseRequest) Descriptor() ([]byte, []int) {
-	return file_baton_v1_peer_proto_rawDescGZIP(), []int{7}
+	return file_baton_v1_peer_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ReleaseRequest) GetKey() *FlowKey {
@@ -541,7 +606,7 @@ type ReleaseResponse struct {
 
 func (x *ReleaseResponse) Reset() {
 	*x = ReleaseResponse{}
-	mi := &file_baton_v1_peer_proto_msgTypes[8]
+	mi := &file_baton_v1_peer_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -553,7 +618,7 @@ func (x *ReleaseResponse) String() string {
 func (*ReleaseResponse) ProtoMessage() {}
 
 func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_peer_proto_msgTypes[8]
+	mi := &file_baton_v1_peer_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -566,7 +631,7 @@ func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseResponse) Descriptor() ([]byte, []int) {
-	return file_baton_v1_peer_proto_rawDescGZIP(), []int{8}
+	return file_baton_v1_peer_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ReleaseResponse) GetOk() bool {
@@ -588,7 +653,7 @@ type ForwardBatch struct {
 
 func (x *ForwardBatch) Reset() {
 	*x = ForwardBatch{}
-	mi := &file_baton_v1_peer_proto_msgTypes[9]
+	mi := &file_baton_v1_peer_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -600,7 +665,7 @@ func (x *ForwardBatch) String() string {
 func (*ForwardBatch) ProtoMessage() {}
 
 func (x *ForwardBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_peer_proto_msgTypes[9]
+	mi := &file_baton_v1_peer_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -613,7 +678,7 @@ func (x *ForwardBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForwardBatch.ProtoReflect.Descriptor instead.
 func (*ForwardBatch) Descriptor() ([]byte, []int) {
-	return file_baton_v1_peer_proto_rawDescGZIP(), []int{9}
+	return file_baton_v1_peer_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ForwardBatch) GetSender() string {
@@ -640,7 +705,7 @@ type ForwardAck struct {
 
 func (x *ForwardAck) Reset() {
 	*x = ForwardAck{}
-	mi := &file_baton_v1_peer_proto_msgTypes[10]
+	mi := &file_baton_v1_peer_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -652,7 +717,7 @@ func (x *ForwardAck) String() string {
 func (*ForwardAck) ProtoMessage() {}
 
 func (x *ForwardAck) ProtoReflect() protoreflect.Message {
-	mi := &file_baton_v1_peer_proto_msgTypes[10]
+	mi := &file_baton_v1_peer_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -665,7 +730,7 @@ func (x *ForwardAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForwardAck.ProtoReflect.Descriptor instead.
 func (*ForwardAck) Descriptor() ([]byte, []int) {
-	return file_baton_v1_peer_proto_rawDescGZIP(), []int{10}
+	return file_baton_v1_peer_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ForwardAck) GetAccepted() uint64 {
@@ -686,7 +751,7 @@ var File_baton_v1_peer_proto protoreflect.FileDescriptor
 
 const file_baton_v1_peer_proto_rawDesc = "" +
 	"\n" +
-	"\x13baton/v1/peer.proto\x12\bbaton.v1\x1a\x13baton/v1/flow.proto\"\xca\x01\n" +
+	"\x13baton/v1/peer.proto\x12\bbaton.v1\x1a\x13baton/v1/flow.proto\"\xf7\x01\n" +
 	"\tFlowBatch\x12\x16\n" +
 	"\x06sender\x18\x01 \x01(\tR\x06sender\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12+\n" +
@@ -694,7 +759,11 @@ const file_baton_v1_peer_proto_rawDesc = "" +
 	"\fresync_begin\x18\x04 \x01(\bR\vresyncBegin\x12\x1d\n" +
 	"\n" +
 	"resync_end\x18\x05 \x01(\bR\tresyncEnd\x12$\n" +
-	"\x0esent_unix_nano\x18\x06 \x01(\x03R\fsentUnixNano\"w\n" +
+	"\x0esent_unix_nano\x18\x06 \x01(\x03R\fsentUnixNano\x12+\n" +
+	"\x05heard\x18\a \x03(\v2\x15.baton.v1.HeardReportR\x05heard\">\n" +
+	"\vHeardReport\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1b\n" +
+	"\tage_nanos\x18\x02 \x01(\x03R\bageNanos\"w\n" +
 	"\bBatchAck\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x1a\n" +
 	"\baccepted\x18\x02 \x01(\rR\baccepted\x12\x1a\n" +
@@ -753,47 +822,49 @@ func file_baton_v1_peer_proto_rawDescGZIP() []byte {
 	return file_baton_v1_peer_proto_rawDescData
 }
 
-var file_baton_v1_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_baton_v1_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_baton_v1_peer_proto_goTypes = []any{
 	(*FlowBatch)(nil),        // 0: baton.v1.FlowBatch
-	(*BatchAck)(nil),         // 1: baton.v1.BatchAck
-	(*LookupRequest)(nil),    // 2: baton.v1.LookupRequest
-	(*LookupResponse)(nil),   // 3: baton.v1.LookupResponse
-	(*ListOwnedRequest)(nil), // 4: baton.v1.ListOwnedRequest
-	(*ClaimRequest)(nil),     // 5: baton.v1.ClaimRequest
-	(*ClaimResponse)(nil),    // 6: baton.v1.ClaimResponse
-	(*ReleaseRequest)(nil),   // 7: baton.v1.ReleaseRequest
-	(*ReleaseResponse)(nil),  // 8: baton.v1.ReleaseResponse
-	(*ForwardBatch)(nil),     // 9: baton.v1.ForwardBatch
-	(*ForwardAck)(nil),       // 10: baton.v1.ForwardAck
-	(*FlowEvent)(nil),        // 11: baton.v1.FlowEvent
-	(*FlowKey)(nil),          // 12: baton.v1.FlowKey
-	(*FlowState)(nil),        // 13: baton.v1.FlowState
+	(*HeardReport)(nil),      // 1: baton.v1.HeardReport
+	(*BatchAck)(nil),         // 2: baton.v1.BatchAck
+	(*LookupRequest)(nil),    // 3: baton.v1.LookupRequest
+	(*LookupResponse)(nil),   // 4: baton.v1.LookupResponse
+	(*ListOwnedRequest)(nil), // 5: baton.v1.ListOwnedRequest
+	(*ClaimRequest)(nil),     // 6: baton.v1.ClaimRequest
+	(*ClaimResponse)(nil),    // 7: baton.v1.ClaimResponse
+	(*ReleaseRequest)(nil),   // 8: baton.v1.ReleaseRequest
+	(*ReleaseResponse)(nil),  // 9: baton.v1.ReleaseResponse
+	(*ForwardBatch)(nil),     // 10: baton.v1.ForwardBatch
+	(*ForwardAck)(nil),       // 11: baton.v1.ForwardAck
+	(*FlowEvent)(nil),        // 12: baton.v1.FlowEvent
+	(*FlowKey)(nil),          // 13: baton.v1.FlowKey
+	(*FlowState)(nil),        // 14: baton.v1.FlowState
 }
 var file_baton_v1_peer_proto_depIdxs = []int32{
-	11, // 0: baton.v1.FlowBatch.events:type_name -> baton.v1.FlowEvent
-	12, // 1: baton.v1.LookupRequest.key:type_name -> baton.v1.FlowKey
-	13, // 2: baton.v1.LookupResponse.state:type_name -> baton.v1.FlowState
-	12, // 3: baton.v1.ClaimRequest.key:type_name -> baton.v1.FlowKey
-	13, // 4: baton.v1.ClaimResponse.state:type_name -> baton.v1.FlowState
-	12, // 5: baton.v1.ReleaseRequest.key:type_name -> baton.v1.FlowKey
-	0,  // 6: baton.v1.Peer.Replicate:input_type -> baton.v1.FlowBatch
-	2,  // 7: baton.v1.Peer.Lookup:input_type -> baton.v1.LookupRequest
-	4,  // 8: baton.v1.Peer.ListOwned:input_type -> baton.v1.ListOwnedRequest
-	5,  // 9: baton.v1.Peer.Claim:input_type -> baton.v1.ClaimRequest
-	7,  // 10: baton.v1.Peer.Release:input_type -> baton.v1.ReleaseRequest
-	9,  // 11: baton.v1.Peer.Forward:input_type -> baton.v1.ForwardBatch
-	1,  // 12: baton.v1.Peer.Replicate:output_type -> baton.v1.BatchAck
-	3,  // 13: baton.v1.Peer.Lookup:output_type -> baton.v1.LookupResponse
-	13, // 14: baton.v1.Peer.ListOwned:output_type -> baton.v1.FlowState
-	6,  // 15: baton.v1.Peer.Claim:output_type -> baton.v1.ClaimResponse
-	8,  // 16: baton.v1.Peer.Release:output_type -> baton.v1.ReleaseResponse
-	10, // 17: baton.v1.Peer.Forward:output_type -> baton.v1.ForwardAck
-	12, // [12:18] is the sub-list for method output_type
-	6,  // [6:12] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	12, // 0: baton.v1.FlowBatch.events:type_name -> baton.v1.FlowEvent
+	1,  // 1: baton.v1.FlowBatch.heard:type_name -> baton.v1.HeardReport
+	13, // 2: baton.v1.LookupRequest.key:type_name -> baton.v1.FlowKey
+	14, // 3: baton.v1.LookupResponse.state:type_name -> baton.v1.FlowState
+	13, // 4: baton.v1.ClaimRequest.key:type_name -> baton.v1.FlowKey
+	14, // 5: baton.v1.ClaimResponse.state:type_name -> baton.v1.FlowState
+	13, // 6: baton.v1.ReleaseRequest.key:type_name -> baton.v1.FlowKey
+	0,  // 7: baton.v1.Peer.Replicate:input_type -> baton.v1.FlowBatch
+	3,  // 8: baton.v1.Peer.Lookup:input_type -> baton.v1.LookupRequest
+	5,  // 9: baton.v1.Peer.ListOwned:input_type -> baton.v1.ListOwnedRequest
+	6,  // 10: baton.v1.Peer.Claim:input_type -> baton.v1.ClaimRequest
+	8,  // 11: baton.v1.Peer.Release:input_type -> baton.v1.ReleaseRequest
+	10, // 12: baton.v1.Peer.Forward:input_type -> baton.v1.ForwardBatch
+	2,  // 13: baton.v1.Peer.Replicate:output_type -> baton.v1.BatchAck
+	4,  // 14: baton.v1.Peer.Lookup:output_type -> baton.v1.LookupResponse
+	14, // 15: baton.v1.Peer.ListOwned:output_type -> baton.v1.FlowState
+	7,  // 16: baton.v1.Peer.Claim:output_type -> baton.v1.ClaimResponse
+	9,  // 17: baton.v1.Peer.Release:output_type -> baton.v1.ReleaseResponse
+	11, // 18: baton.v1.Peer.Forward:output_type -> baton.v1.ForwardAck
+	13, // [13:19] is the sub-list for method output_type
+	7,  // [7:13] is the sub-list for method input_type
+	7,  // [7:7] is the sub-list for extension type_name
+	7,  // [7:7] is the sub-list for extension extendee
+	0,  // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_baton_v1_peer_proto_init() }
@@ -808,7 +879,7 @@ func file_baton_v1_peer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_baton_v1_peer_proto_rawDesc), len(file_baton_v1_peer_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   11,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
