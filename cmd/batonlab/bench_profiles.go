@@ -104,10 +104,17 @@ func (p *profiler) report(name, what, figure string) error {
 		fmt.Fprintf(&b, "load average at the end (1, 5, 15 min): %s\n", strings.Join(strings.Fields(string(la))[:3], " "))
 	}
 	fmt.Fprintf(&b, "binary: %s (revision %s)\n", p.o.batond, binRevision(p.o.batond))
+	goBin, lerr := exec.LookPath("go")
+	if lerr != nil {
+		fmt.Fprintf(&b, "\n(go not on PATH: go tool pprof -top %s %s)\n", p.o.batond, bin)
+	}
 	for _, mode := range [][]string{{"-top", "-nodecount=30"}, {"-top", "-cum", "-nodecount=40"}} {
+		if lerr != nil {
+			break
+		}
 		args := append([]string{"tool", "pprof"}, mode...)
 		args = append(args, p.o.batond, bin)
-		out, err := exec.Command("go", args...).Output()
+		out, err := exec.Command(goBin, args...).Output()
 		if err != nil {
 			return fmt.Errorf("go tool pprof %s: %w", strings.Join(mode, " "), err)
 		}
