@@ -14,6 +14,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -56,7 +58,9 @@ func startCluster(t *testing.T, ctx context.Context, n int, prefix string, repli
 	// and comes back 2 s later, and its flows move away and back. The
 	// takeovers handle that, but it is not the scenario under test: the
 	// route changes here are the test's own.
-	extra = append([]string{"-check-fall", "10"}, extra...)
+	// Debug logs name every takeover step of a flow (stallReport shows
+	// them when a download fails): tens of kilobytes per node and test.
+	extra = append([]string{"-check-fall", "10", "-log-level", "debug"}, extra...)
 	for i := range n {
 		var err error
 		if c.procs[i], err = l.StartBatond(ctx, batond, i, extra...); err != nil {
@@ -293,4 +297,37 @@ func firstDiff(a, b []byte) int {
 		}
 	}
 	return -1
+}
+
+// stallReport logs what is known of the flow from client port when a
+// download failed or stalled, so that a CI log is enough to study it: the
+// client socket's TCP state (ss) and every node's log lines naming the
+// flow (the takeover clusters run at debug level).
+func stallReport(t *testing.T, l *lab.Lab, port int) {
+	t.Helper()
+	if l == nil {
+		return
+	}
+	ss := exec.Command("ip", "netns", "exec", l.Client.Name, "ss", "-tinoem", "sport", "= :"+strconv.Itoa(port))
+	if out, err := ss.CombinedOutput(); err == nil {
+		t.Logf("client socket of port %d:\n%s", port, out)
+	}
+	needle := fmt.Sprintf(":%d->", port)
+	logs, _ := filepath.Glob(filepath.Join(l.LogDir, "*batond-n*.log"))
+	for _, path := range logs {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			continue
+		}
+		var lines []string
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.Contains(line, needle) {
+				lines = append(lines, line)
+			}
+		}
+		if len(lines) > 200 {
+			lines = append(lines[:100], append([]string{"..."}, lines[len(lines)-100:]...)...)
+		}
+		t.Logf("%s, lines naming the flow of port %d:\n%s", filepath.Base(path), port, strings.Join(lines, "\n"))
+	}
 }

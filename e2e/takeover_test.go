@@ -63,6 +63,7 @@ func (c *countingReader) Read(p []byte) (int, error) {
 
 // download is one stream download from the client namespace.
 type download struct {
+	l    *lab.Lab
 	port int
 	seed uint64
 	cr   *countingReader
@@ -106,7 +107,7 @@ func startDownload(t *testing.T, ctx context.Context, l *lab.Lab, anycast netip.
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	d := &download{port: port, seed: uint64(port), cr: &countingReader{r: c, ctx: ctx}, done: make(chan struct{})}
+	d := &download{l: l, port: port, seed: uint64(port), cr: &countingReader{r: c, ctx: ctx}, done: make(chan struct{})}
 	d.cr.limit.Store(limit)
 	if _, err := io.WriteString(c, services.StreamRequest(size, d.seed)); err != nil {
 		t.Fatal(err)
@@ -157,9 +158,11 @@ func finish(t *testing.T, ds []*download) {
 		select {
 		case <-d.done:
 		case <-deadline:
+			stallReport(t, d.l, d.port)
 			t.Fatalf("port %d: download did not finish (%d bytes)", d.port, d.cr.n.Load())
 		}
 		if d.err != nil {
+			stallReport(t, d.l, d.port)
 			t.Error(d.err)
 		}
 	}
