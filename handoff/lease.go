@@ -212,14 +212,18 @@ func (m *Members) heardReports(now time.Time) []*batonv1.HeardReport {
 
 // Gone reports whether owner certainly sends nothing any more, so that its
 // flows may be taken over, and why (see the file comment): "dead", or
-// "fenced" (proven by silence), or false with what is missing.
+// "fenced" (proven by silence), "not a member", or false with what is
+// missing.
 func (m *Members) Gone(owner string, now time.Time) (bool, string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	s, ok := m.state[owner]
 	switch {
 	case !ok:
-		return false, "not a member"
+		// Named by a peer's state but not in this node's membership (a
+		// configuration mismatch): nothing can be proven, nor reached; as
+		// before leases, it counts as gone.
+		return true, "not a member"
 	case s.dead:
 		return true, "dead"
 	case s.up():

@@ -123,6 +123,9 @@ func TestLeaseOwnerGone(t *testing.T) {
 			if why != tc.want || gone != (tc.want == "dead" || tc.want == "fenced") {
 				t.Errorf("Gone(n2) = %v, %q; want %q", gone, why, tc.want)
 			}
+			if gone, why := m.Gone("n9", now); !gone || why != "not a member" {
+				t.Errorf("Gone(n9) = %v, %q; want true, not a member", gone, why)
+			}
 		})
 	}
 }
