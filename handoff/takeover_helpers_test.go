@@ -42,6 +42,46 @@ type tkTap struct {
 	rng     *rand.Rand
 	mu      sync.Mutex
 	lost    atomic.Uint64
+	name    string
+	paws    *tkPAWS
+}
+
+// tkPAWS watches the timestamps of the segments every node sends to the
+// client, per client port, as a Linux client's PAWS check would (RFC 7323
+// 5.3; gVisor's client does not enforce it, pitfall 5): a data segment
+// whose TSval is below the newest TSval the client got for its flow would
+// be dropped by Linux. Such segments after a takeover stall a Linux
+// client until the new owner's clock catches up.
+type tkPAWS struct {
+	mu        sync.Mutex
+	newest    map[uint16]uint32
+	backwards atomic.Uint64
+	first     string // the first violation, for the log
+}
+
+func (p *tkPAWS) note(node string, pkt []byte) {
+	loc, ok := locateTCP(pkt)
+	if !ok {
+		return
+	}
+	tcp := header.TCP(pkt[loc.off:])
+	ts, ok := tcpTSval(tcp[header.TCPMinimumSize:loc.hlen])
+	if !ok {
+		return
+	}
+	data := len(pkt) > loc.off+loc.hlen
+	port := tcp.DestinationPort()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	newest, seen := p.newest[port]
+	switch {
+	case !seen || tcpSeqAfter(ts, newest):
+		p.newest[port] = ts
+	case ts != newest && data:
+		if p.backwards.Add(1) == 1 {
+			p.first = fmt.Sprintf("%s sent a data segment to port %d with TSval %d, below %d", node, port, ts, newest)
+		}
+	}
 }
 
 func (*tkTap) Name() string { return "test-tap" }
@@ -65,6 +105,9 @@ func (t *tkTap) Outbound(p *stack.Packet) stack.Verdict {
 			t.lost.Add(1)
 			return stack.Drop
 		}
+	}
+	if t.paws != nil {
+		t.paws.note(t.name, p.Data)
 	}
 	return stack.Pass
 }
@@ -117,6 +160,19 @@ type tkLab struct {
 	// rewrite, when set, may change a client packet in place before it
 	// is delivered (stripping options) or drop it (returns false).
 	rewrite atomic.Pointer[func([]byte) bool]
+	paws    *tkPAWS
+}
+
+// noPAWSDrops fails the test if a node sent the client a data segment a
+// Linux client's PAWS check would have dropped (tkPAWS).
+func (l *tkLab) noPAWSDrops(t *testing.T) {
+	t.Helper()
+	if n := l.paws.backwards.Load(); n > 0 {
+		l.paws.mu.Lock()
+		first := l.paws.first
+		l.paws.mu.Unlock()
+		t.Errorf("%d data segments with a TSval below the newest the client had (a Linux client drops them: PAWS); first: %s", n, first)
+	}
 }
 
 func newTkLab(t testing.TB, cfg tkConfig) *tkLab {
@@ -140,7 +196,7 @@ func newTkLab(t testing.TB, cfg tkConfig) *tkLab {
 		}
 		lis[i] = l
 	}
-	l := &tkLab{t: t}
+	l := &tkLab{t: t, paws: &tkPAWS{newest: map[uint16]uint32{}}}
 	var devs []*tun.Fake
 	for i, name := range names {
 		var peers []Peer
@@ -226,7 +282,7 @@ func (l *tkLab) startNode(name string, peers []Peer, lis net.Listener, pki strin
 	if err != nil {
 		t.Fatal(err)
 	}
-	tap := &tkTap{rng: rand.New(rand.NewPCG(uint64(len(name)), 7))}
+	tap := &tkTap{rng: rand.New(rand.NewPCG(uint64(len(name)), 7)), name: name, paws: l.paws}
 	ep := st.Endpoint()
 	ep.AddHook(tap)
 	var sy *Sync

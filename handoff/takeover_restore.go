@@ -209,7 +209,19 @@ func (e *Engine) restore(ctx context.Context, ent *flowEntry, s *batonv1.FlowSta
 
 	// The tracker registers the flow before the stack can send anything
 	// for it (and before the service publishes its first checkpoint).
-	if err := e.tr.Restore(s, how, r.OutputOffset); err != nil {
+	// Its state is stamped now, so its server TSval must be the new
+	// stack's clock now (client space), not the old owner's at the
+	// replica's time: a node claiming the flow before this stack sent a
+	// segment derives its own clock from the pair, and if it fell behind
+	// TSvals the client already holds (the dead owner's newest, which the
+	// replica may never have got), a Linux client would drop everything
+	// it sends (PAWS) until its clock caught up.
+	ts := s
+	if tr.TS {
+		ts = proto.Clone(s).(*batonv1.FlowState)
+		ts.ServerTsval = sa.opts.TSVal + tr.TSDelta
+	}
+	if err := e.tr.Restore(ts, how, r.OutputOffset); err != nil {
 		cleanup()
 		return fail(reasonNoState, "tracker: %v", err)
 	}

@@ -66,6 +66,7 @@ func (l *tkLab) migrate(t *testing.T, dst netip.AddrPort, size uint64, flips []i
 	if n := l.resets(); n != 0 {
 		t.Fatalf("client got %d resets", n)
 	}
+	l.noPAWSDrops(t)
 }
 
 // (b) A->B->A, and several flips over three nodes.
@@ -213,6 +214,7 @@ func TestTakeoverCrash(t *testing.T) {
 			if n := l.resets(); n != 0 {
 				t.Fatalf("client got %d resets", n)
 			}
+			l.noPAWSDrops(t)
 			// The designated replica restores the flow exactly once: by a
 			// push, or by a pull if a client packet reached it before it
 			// saw the owner die (then the push joins the pull).
