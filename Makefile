@@ -12,6 +12,8 @@ DEB_PKGS := iproute2 protobuf-compiler ca-certificates bird2 nftables
 PROTOC_GEN_GO      := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
 PROTOC_GEN_GO_GRPC := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
 FUZZTIME ?= 10s
+# The churn soak's length in make test (e2e.TestSoakChurn; 0 skips it).
+SOAK ?= 10m
 # batonlab bench's flags for make bench: 3 s runs keep its whole suite
 # (kernel comparison, replication, memory, takeover) near 10 minutes.
 BENCH_FLAGS ?= -duration 3s
@@ -31,7 +33,7 @@ build:
 # nodes long enough for their health checks to fall and move flows.
 test: lint proto-check
 	$(GO) test -count=1 -race -timeout 30m $$($(GO) list $(PKGS) | grep -v '/e2e$$')
-	$(GO) test -count=1 -timeout 40m ./e2e/
+	BATON_SOAK=$(SOAK) $(GO) test -count=1 -timeout 50m ./e2e/
 	$(MAKE) fuzz
 
 unit:

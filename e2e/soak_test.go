@@ -3,7 +3,7 @@ package e2e
 // A churn soak: short connections opened and closed for a long time
 // against a 3-node cluster, sampling each batond's goroutines, resident
 // memory and tracked flows. Off unless BATON_SOAK is a duration (e.g.
-// BATON_SOAK=10m); not part of CI.
+// BATON_SOAK=10m); make test (CI) runs it for 10 minutes.
 
 import (
 	"context"
@@ -53,8 +53,16 @@ func unlabelled(m string) string {
 // 5 s, for BATON_SOAK; every 30 s each node's goroutines, resident memory,
 // tracked flows and replicas are logged, and once more 70 s after the
 // churn stopped (past gVisor's 60 s TIME-WAIT). Every connection must be
-// served exactly; growth is measured, not asserted.
+// served exactly, and no node may grow: against its figures once warm
+// (the first sample at least 90 s in, when the caches and pools have
+// filled), the last churn sample and the one after the churn may have at
+// most soakGoroutineSlack more goroutines and soakRSSGrowth more resident
+// memory.
 func TestSoakChurn(t *testing.T) {
+	const (
+		soakGoroutineSlack = 16   // transient streams, timers, in-flight connections
+		soakRSSGrowth      = 1.25 // x the warm resident size, plus 8 MiB
+	)
 	d, err := time.ParseDuration(os.Getenv("BATON_SOAK"))
 	if err != nil || d <= 0 {
 		t.Skip("set BATON_SOAK to a duration (e.g. 10m) to run the churn soak")
@@ -67,14 +75,27 @@ func TestSoakChurn(t *testing.T) {
 	if err := l.Client.SetSysctl("net.ipv4.tcp_tw_reuse", "1"); err != nil {
 		t.Fatal(err)
 	}
-	sample := func(when string) {
+	sample := func(when string) []soakSample {
 		var parts []string
+		var out []soakSample
 		for i := range 3 {
 			s := sampleNode(ctx, l, i)
+			out = append(out, s)
 			parts = append(parts, fmt.Sprintf("%s goroutines %.0f rss %.1f MB tracked %.0f replicas %.0f",
 				lab.NodeName(i), s.goroutines, s.rssMB, s.tracked, s.replicas))
 		}
 		t.Logf("%s: %s", when, strings.Join(parts, "; "))
+		return out
+	}
+	grew := func(when string, warm, now []soakSample) {
+		for i := range now {
+			if now[i].goroutines > warm[i].goroutines+soakGoroutineSlack {
+				t.Errorf("%s %s: %.0f goroutines, %.0f once warm", lab.NodeName(i), when, now[i].goroutines, warm[i].goroutines)
+			}
+			if now[i].rssMB > warm[i].rssMB*soakRSSGrowth+8 {
+				t.Errorf("%s %s: resident memory %.1f MB, %.1f MB once warm", lab.NodeName(i), when, now[i].rssMB, warm[i].rssMB)
+			}
+		}
 	}
 	sample("start")
 	stop := make(chan struct{})
@@ -131,13 +152,20 @@ func TestSoakChurn(t *testing.T) {
 		}
 	}()
 	start := time.Now()
+	var warm, last []soakSample
 	for time.Since(start) < d {
 		time.Sleep(min(30*time.Second, d-time.Since(start)))
-		sample(fmt.Sprintf("after %s (%d connections, %d bytes echoed)", time.Since(start).Round(time.Second), conns.Load(), bytes.Load()))
+		last = sample(fmt.Sprintf("after %s (%d connections, %d bytes echoed)", time.Since(start).Round(time.Second), conns.Load(), bytes.Load()))
+		if warm == nil && (time.Since(start) >= 90*time.Second || time.Since(start) >= d/2) {
+			warm = last
+			t.Log("(the figures above are the warm ones)")
+		}
 	}
 	close(stop)
 	wg.Wait()
 	time.Sleep(70 * time.Second)
-	sample("70 s after the churn stopped")
+	after := sample("70 s after the churn stopped")
+	grew("at the end of the churn", warm, last)
+	grew("70 s after the churn", warm, after)
 	t.Logf("churn: %d connections served exactly, %d failures, over %s", conns.Load(), fails.Load(), d)
 }
