@@ -149,7 +149,8 @@ func TestRollingRestart(t *testing.T) {
 // node acknowledging input and the client acknowledging its echo can only
 // be continued after a crash if a replica held that state before the
 // client saw it (with async replication it is reset, honestly:
-// TestTakeoverCannotResume).
+// TestTakeoverCannotResume). Restart safety: the restarted node holds
+// replicas again, and sent no reset and failed no takeover.
 func TestKillFlowsTakenOver(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	t.Cleanup(cancel)
@@ -187,6 +188,22 @@ func TestKillFlowsTakenOver(t *testing.T) {
 	waitNexthops(t, ctx, c.Lab, 0, 1, 2)
 	t.Logf("n2 restarted and rejoined %s after the kill", time.Since(t0).Round(time.Millisecond))
 	time.Sleep(2 * time.Second)
+	// Restart safety: the restarted node resynced (it holds its peers'
+	// flows as replicas again), took back the flows the router sends it
+	// by claiming them, and reset none of the flows it lost.
+	m := nodeMetrics(ctx, c.Lab, victim)
+	replicas := metricValue(m, "baton_replication_replica_flows", "")
+	t.Logf("restarted n2: replicas held %v, pull-migrate %v, resets sent %v, takeover failures %v", replicas,
+		metricValue(m, "baton_takeover_total", `kind="pull-migrate"`), metricValue(m, "baton_takeover_rst_sent_total", ""), metricValue(m, "baton_takeover_failures_total", ""))
+	if replicas == 0 {
+		t.Error("the restarted n2 holds no replica: its peers did not resync it")
+	}
+	if n := metricValue(m, "baton_takeover_rst_sent_total", ""); n != 0 {
+		t.Errorf("the restarted n2 sent %v resets", n)
+	}
+	if n := metricValue(m, "baton_takeover_failures_total", ""); n != 0 {
+		t.Errorf("the restarted n2 counted %v failed takeovers", n)
+	}
 	w.finish(t)
 	c.logMetrics()
 	if r := clientResets(t, c.Lab) - resets0; r != 0 {
