@@ -312,7 +312,29 @@ func stallReport(t *testing.T, l *lab.Lab, port int) {
 	if out, err := ss.CombinedOutput(); err == nil {
 		t.Logf("client socket of port %d:\n%s", port, out)
 	}
+	// The client's TCP counters that say why segments were dropped
+	// (PAWS, out of window, ...), not reset by nstat (-s).
+	nst := exec.Command("ip", "netns", "exec", l.Client.Name, "nstat", "-asz", "TcpExtPAWSEstab", "TcpExtTCPACKSkippedPAWS",
+		"TcpExtTCPACKSkippedSeq", "TcpExtTCPOFODrop", "TcpExtTCPRcvQDrop", "TcpExtTCPZeroWindowDrop", "TcpExtTCPDSACKRecv",
+		"TcpExtTCPDSACKOldSent", "TcpExtTCPOFOQueue", "TcpInErrs", "TcpExtTCPRcvCoalesce", "TcpExtTCPWantZeroWindowAdv")
+	if out, err := nst.CombinedOutput(); err == nil {
+		t.Logf("client TCP counters:\n%s", out)
+	}
 	needle := fmt.Sprintf(":%d->", port)
+	// Every node's copy of the flow (owner, epoch, positions, timestamps).
+	for i := range l.Nodes {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		fl, err := localFlows(ctx, adminClient(t, l, i))
+		cancel()
+		for k, st := range fl {
+			if strings.Contains(k, needle) {
+				t.Logf("%s's copy: %v", lab.NodeName(i), st)
+			}
+		}
+		if err != nil {
+			t.Logf("%s's flows: %v", lab.NodeName(i), err)
+		}
+	}
 	logs, _ := filepath.Glob(filepath.Join(l.LogDir, "*batond-n*.log"))
 	for _, path := range logs {
 		b, err := os.ReadFile(path)
