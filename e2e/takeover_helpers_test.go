@@ -335,6 +335,20 @@ func stallReport(t *testing.T, l *lab.Lab, port int) {
 			t.Logf("%s's flows: %v", lab.NodeName(i), err)
 		}
 	}
+	// Every node's device and link counters (write errors, drops).
+	for i := range l.Nodes {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		m := nodeMetrics(ctx, l, i)
+		cancel()
+		var lines []string
+		for _, line := range strings.Split(m, "\n") {
+			if (strings.HasPrefix(line, "baton_tun_") || strings.HasPrefix(line, "baton_link_") || strings.HasPrefix(line, "baton_hook_")) &&
+				!strings.HasSuffix(line, " 0") {
+				lines = append(lines, line)
+			}
+		}
+		t.Logf("%s device counters:\n%s", lab.NodeName(i), strings.Join(lines, "\n"))
+	}
 	logs, _ := filepath.Glob(filepath.Join(l.LogDir, "*batond-n*.log"))
 	for _, path := range logs {
 		b, err := os.ReadFile(path)
@@ -343,13 +357,14 @@ func stallReport(t *testing.T, l *lab.Lab, port int) {
 		}
 		var lines []string
 		for _, line := range strings.Split(string(b), "\n") {
-			if strings.Contains(line, needle) {
+			// The flow's lines, and every warning or error.
+			if strings.Contains(line, needle) || strings.Contains(line, "level=WARN") || strings.Contains(line, "level=ERROR") {
 				lines = append(lines, line)
 			}
 		}
 		if len(lines) > 200 {
 			lines = append(lines[:100], append([]string{"..."}, lines[len(lines)-100:]...)...)
 		}
-		t.Logf("%s, lines naming the flow of port %d:\n%s", filepath.Base(path), port, strings.Join(lines, "\n"))
+		t.Logf("%s, lines naming the flow of port %d, warnings and errors:\n%s", filepath.Base(path), port, strings.Join(lines, "\n"))
 	}
 }
