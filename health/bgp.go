@@ -302,10 +302,16 @@ func (b *BGP) Close(ctx context.Context) error {
 }
 
 // gobgpLogger adapts GoBGP's logger to slog. GoBGP's Info covers session
-// state changes; its Debug is very chatty and stays at debug.
+// state changes; its Debug (every message sent and received, keepalives
+// included) is so chatty that it goes below slog's debug, at LevelTrace:
+// batond's -log-level debug shows Baton's own debug lines, trace adds
+// GoBGP's.
 type gobgpLogger struct {
 	log *slog.Logger
 }
+
+// LevelTrace is below slog.LevelDebug: GoBGP's debug messages.
+const LevelTrace = slog.LevelDebug - 4
 
 func (l *gobgpLogger) emit(level slog.Level, msg string, fields gobgplog.Fields) {
 	if !l.log.Enabled(context.Background(), level) {
@@ -342,11 +348,11 @@ func (l *gobgpLogger) Warn(msg string, f gobgplog.Fields) {
 	l.emit(slog.LevelWarn, msg, f)
 }
 func (l *gobgpLogger) Info(msg string, f gobgplog.Fields)  { l.emit(slog.LevelInfo, msg, f) }
-func (l *gobgpLogger) Debug(msg string, f gobgplog.Fields) { l.emit(slog.LevelDebug, msg, f) }
+func (l *gobgpLogger) Debug(msg string, f gobgplog.Fields) { l.emit(LevelTrace, msg, f) }
 func (l *gobgpLogger) SetLevel(gobgplog.LogLevel)          {}
 func (l *gobgpLogger) GetLevel() gobgplog.LogLevel {
 	// GoBGP skips building messages below its level: follow slog's.
-	if l.log.Enabled(context.Background(), slog.LevelDebug) {
+	if l.log.Enabled(context.Background(), LevelTrace) {
 		return gobgplog.DebugLevel
 	}
 	return gobgplog.InfoLevel

@@ -119,7 +119,7 @@ func loadConfig(args []string, stderr io.Writer) (*Config, error) {
 		admin      = fs.String("admin", "", "admin API address: unix:/path or host:port (default unix:/run/baton/<node>.sock)")
 		metrics    = fs.String("metrics", cfg.Metrics, "Prometheus metrics listen address (empty disables)")
 		pprof      = fs.Bool("pprof", false, "serve /debug/pprof on the metrics address")
-		logLevel   = fs.String("log-level", cfg.Log.Level, "log level: debug, info, warn, error")
+		logLevel   = fs.String("log-level", cfg.Log.Level, "log level: trace (debug and GoBGP's messages), debug, info, warn, error")
 		logFormat  = fs.String("log-format", cfg.Log.Format, "log format: text or json")
 		memLimit   = fs.String("memory-limit", "", "soft memory limit of the Go runtime, e.g. 256MiB: the garbage collector works harder near it, nothing is refused (default: none, or GOMEMLIMIT)")
 		cf         = registerClusterFlags(fs, &cfg)
@@ -314,9 +314,9 @@ func (c *Config) Validate() error {
 		return err
 	}
 	switch c.Log.Level {
-	case "debug", "info", "warn", "error":
+	case "trace", "debug", "info", "warn", "error":
 	default:
-		return fmt.Errorf("log.level: %q is not one of debug, info, warn, error", c.Log.Level)
+		return fmt.Errorf("log.level: %q is not one of trace, debug, info, warn, error", c.Log.Level)
 	}
 	switch c.Log.Format {
 	case "text", "json":

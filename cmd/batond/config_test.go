@@ -41,7 +41,7 @@ func TestConfigErrors(t *testing.T) {
 		{"admin relative", []string{"-admin", "unix:rel.sock"}, "", "admin: \"unix:rel.sock\" needs an absolute socket path"},
 		{"admin garbage", []string{"-admin", "localhost"}, "", `admin: "localhost" is not host:port or unix:/path`},
 		{"metrics unix", []string{"-metrics", "unix:/x"}, "", "metrics: \"unix:/x\": unix sockets are not supported here"},
-		{"log level", []string{"-log-level", "loud"}, "", `log.level: "loud" is not one of debug, info, warn, error`},
+		{"log level", []string{"-log-level", "loud"}, "", `log.level: "loud" is not one of trace, debug, info, warn, error`},
 		{"extra arg", []string{"extra"}, "", `flags: unexpected argument "extra"`},
 		{"unknown flag", []string{"-bogus"}, "", "flags: flag provided but not defined: -bogus"},
 		{"yaml unknown key", nil, "node: n1\nanycast: [192.0.2.1/32]\nanycst: [x]\n", "field anycst not found"},

@@ -38,6 +38,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/baton-anycast/baton/handoff"
+	"github.com/baton-anycast/baton/health"
 	batonv1 "github.com/baton-anycast/baton/proto/baton/v1"
 	"github.com/baton-anycast/baton/stack"
 	"github.com/baton-anycast/baton/stack/services"
@@ -89,7 +90,11 @@ func run(args []string, stderr io.Writer) int {
 
 func newLogger(c LogConfig, w io.Writer) *slog.Logger {
 	var level slog.Level
-	_ = level.UnmarshalText([]byte(c.Level))
+	if c.Level == "trace" {
+		level = health.LevelTrace
+	} else {
+		_ = level.UnmarshalText([]byte(c.Level))
+	}
 	opts := &slog.HandlerOptions{Level: level}
 	if c.Format == "json" {
 		return slog.New(slog.NewJSONHandler(w, opts))
