@@ -12,7 +12,9 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,6 +24,7 @@ import (
 	"time"
 
 	"github.com/baton-anycast/baton/e2e/lab"
+	"github.com/baton-anycast/baton/handoff"
 	batonv1 "github.com/baton-anycast/baton/proto/baton/v1"
 	"github.com/baton-anycast/baton/stack/services"
 )
@@ -335,6 +338,12 @@ func stallReport(t *testing.T, l *lab.Lab, port int) {
 			t.Logf("%s's flows: %v", lab.NodeName(i), err)
 		}
 	}
+	// Every node's takeover engine, tracker and gVisor endpoint view of
+	// the flow (batond's /debug/flow).
+	key := handoff.FlowKey{Client: netip.AddrPortFrom(l.ClientAddr4, uint16(port)), Anycast: netip.AddrPortFrom(l.Anycast4, streamPort)}
+	for i := range l.Nodes {
+		t.Logf("%s /debug/flow:\n%s", lab.NodeName(i), debugFlow(l, i, key))
+	}
 	// Every node's device and link counters (write errors, drops).
 	for i := range l.Nodes {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -367,4 +376,26 @@ func stallReport(t *testing.T, l *lab.Lab, port int) {
 		}
 		t.Logf("%s, lines naming the flow of port %d, warnings and errors:\n%s", filepath.Base(path), port, strings.Join(lines, "\n"))
 	}
+}
+
+// debugFlow fetches node i's /debug/flow view of k.
+func debugFlow(l *lab.Lab, i int, k handoff.FlowKey) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := l.Node(i).Dial(ctx, "tcp4", "127.0.0.1:9470", 0)
+	if err != nil {
+		return err.Error()
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, "GET /debug/flow?key="+url.QueryEscape(k.String())+" HTTP/1.0\r\n\r\n"); err != nil {
+		return err.Error()
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.Status + "\n" + string(b)
 }

@@ -132,6 +132,7 @@ func (d *daemon) startHandoff() error {
 		return err
 	}
 	d.repl = repl
+	d.engine = engine
 	engine.Start()
 	return nil
 }

@@ -117,6 +117,7 @@ type daemon struct {
 	tracker     *handoff.Tracker
 	stopTracker func()
 	repl        *handoff.Replication
+	engine      *handoff.Engine // the takeover engine, or nil (standalone)
 	sync        *handoff.Sync // sync replication mode, or nil
 
 	health *healthParts
@@ -233,6 +234,22 @@ func (d *daemon) startAdmin() error {
 	return nil
 }
 
+// debugFlow serves the takeover engine's view of one flow
+// (/debug/flow?key=CLIENT->ANYCAST, as batonctl prints keys).
+func (d *daemon) debugFlow(w http.ResponseWriter, r *http.Request) {
+	k, err := handoff.ParseFlowKey(r.URL.Query().Get("key"))
+	if err != nil {
+		http.Error(w, "key: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	if d.engine == nil {
+		http.Error(w, "no takeover engine (a standalone node)", http.StatusNotFound)
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	_, _ = io.WriteString(w, d.engine.DebugFlow(k))
+}
+
 func (d *daemon) startMetrics() error {
 	if d.cfg.Metrics == "" {
 		return nil
@@ -244,6 +261,7 @@ func (d *daemon) startMetrics() error {
 	reg.MustRegister(newHealthCollector(d))
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.HandleFunc("/debug/flow", d.debugFlow)
 	if d.cfg.Pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
