@@ -118,7 +118,7 @@ type daemon struct {
 	stopTracker func()
 	repl        *handoff.Replication
 	engine      *handoff.Engine // the takeover engine, or nil (standalone)
-	sync        *handoff.Sync // sync replication mode, or nil
+	sync        *handoff.Sync   // sync replication mode, or nil
 
 	health *healthParts
 
