@@ -93,6 +93,9 @@ func (e *Engine) pushFlowsOf(peer string) {
 		if err != nil || e.designated(k, peer) != e.self {
 			continue
 		}
+		if cur, ok := e.r.store.Lookup(k); !ok || cur.Owner != peer || cur.Epoch != st.Epoch {
+			continue // restored, moved or closed since the snapshot above
+		}
 		if st.Phase != batonv1.FlowPhase_FLOW_PHASE_ESTABLISHED && st.Phase != batonv1.FlowPhase_FLOW_PHASE_CLOSING {
 			continue
 		}
@@ -116,6 +119,19 @@ func (e *Engine) startPush(k FlowKey, st *batonv1.FlowState) *takeoverRun {
 		run := f.run
 		f.mu.Unlock()
 		return run
+	case esMoved:
+		if st.Epoch < f.epoch {
+			// Handed over (or lost) at a newer epoch than st's: st
+			// is stale, and restoring from it would make this node
+			// send for a flow another node owns (seen in the lab: a
+			// claim restored the flow here and handed it over between
+			// peerDown reading the replicas and this push). A state
+			// of the new owner (it died too) is pushed as usual.
+			f.mu.Unlock()
+			return nil
+		}
+		e.setStateLocked(f, esDeciding)
+		f.trigger = time.Now()
 	case esDeciding:
 	default:
 		e.setStateLocked(f, esDeciding)

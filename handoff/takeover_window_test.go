@@ -175,3 +175,48 @@ func TestTkPAWSWatch(t *testing.T) {
 		}
 	}
 }
+
+// A push that reads the dead owner's replica just before a claim restores
+// the flow here and hands it over must not restore it again from that
+// stale copy: the new owner holds it at a higher epoch, and two nodes
+// would send for it (seen in a lab stall: the designated replica restored
+// the flow a second time 8 ms after handing it over).
+func TestTakeoverStalePushAfterHandOver(t *testing.T) {
+	l := newTkLab(t, tkConfig{nodes: 3})
+	ctx := testCtx(t)
+	d := l.startDownload(ctx, tkDst4, tkSize, 29)
+	d.waitBytes(t, tkSize/4)
+	des := l.nodes[0].e.designated(d.key, "n1")
+	di, oi := l.node(des), 3-l.node(des)
+	var stale *batonv1.FlowState
+	eventually(t, "the flow replicated", func() bool {
+		st, ok := l.nodes[di].r.Store().Lookup(d.key)
+		stale = st
+		return ok && st.ClientAckedBytes > 0
+	})
+	l.kill(0)
+	l.route.Store(int32(oi)) // the other survivor claims it from the designated replica
+	eventually(t, l.nodes[oi].name+" owns the flow", func() bool {
+		_, owned := l.nodes[oi].tr.Epoch(d.key)
+		return owned
+	})
+	before := l.nodes[di].e.Stats().Takeovers
+	if run := l.nodes[di].e.startPush(d.key, stale); run != nil {
+		<-run.done
+		t.Errorf("%s pushed the flow again from the dead owner's replica after handing it over", des)
+	}
+	if _, owned := l.nodes[di].tr.Epoch(d.key); owned {
+		t.Errorf("%s owns the flow again", des)
+	}
+	if err := d.wait(t); err != nil {
+		t.Fatalf("download: %v", err)
+	}
+	if n := l.resets(); n != 0 {
+		t.Fatalf("client got %d resets", n)
+	}
+	after := l.nodes[di].e.Stats().Takeovers
+	if after[HowPush]+after[HowPullRestore] != before[HowPush]+before[HowPullRestore] {
+		t.Errorf("%s restored the flow again: takeovers %v -> %v", des, before, after)
+	}
+	l.noPAWSDrops(t)
+}
