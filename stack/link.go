@@ -38,6 +38,15 @@ package stack
 //     bytes), not from gVisor's GSOOptions, so a hook cannot make it lie.
 //     UDP and ICMP keep full checksums (no TX checksum capability). Without
 //     the option nothing changes: no GSO, every checksum complete.
+//   - Receive offload with the same option: the device lets the kernel hand
+//     it the client's TCP segments whole (up to 64 KiB, its TSO or GRO on
+//     the way) and completes their partial checksums (tun/rxoffload.go), so
+//     a reader reads into a tun.MaxReadPacket buffer and the hooks and
+//     gVisor get one complete TCP segment where there were ~45 packets of
+//     the MTU: one read, one pass through gVisor, one ACK. gVisor takes
+//     segments larger than the MSS and the MTU on the way in (no MTU check
+//     on receive; its own GRO, pkg/tcpip/stack/gro, makes such segments).
+//     Hooks see them with a zero Packet.GSO, like any complete packet.
 
 import (
 	"errors"
@@ -245,7 +254,9 @@ func (e *Endpoint) run(p *Packet) bool {
 // readLoop reads queue q until the device is closed.
 func (e *Endpoint) readLoop(q int) {
 	defer e.readers.Done()
-	scratch := make([]byte, e.mtu)
+	// An offload device hands over TCP segments of up to 64 KiB (receive
+	// offload, see the file comment).
+	scratch := make([]byte, e.readSize())
 	p := Packet{Dir: Inbound}
 	for {
 		n, err := e.dev.Read(q, scratch)
@@ -273,6 +284,15 @@ func (e *Endpoint) readLoop(q int) {
 		}
 		e.deliver(p.Data)
 	}
+}
+
+// readSize is the read buffer a reader needs: the MTU, or with a GSO
+// device the largest segment its receive offload may hand over.
+func (e *Endpoint) readSize() int {
+	if e.gso {
+		return max(int(e.mtu), tun.MaxReadPacket)
+	}
+	return int(e.mtu)
 }
 
 // deliver copies data into a gVisor packet and hands it to the stack.

@@ -38,7 +38,7 @@ type Fake struct {
 	mtu  int
 	gso  bool
 
-	rx     []chan []byte // per queue: packets for Baton's Read
+	rx     []chan rxPkt  // per queue: packets for Baton's Read
 	tx     chan txPkt    // packets Baton wrote, oldest first
 	txFree chan []byte   // recycled MTU-sized buffers, so Write does not allocate
 	rr     atomic.Uint32 // round robin for non-IP packets
@@ -57,6 +57,13 @@ type Fake struct {
 
 var _ Device = (*Fake)(nil)
 
+// rxPkt is one packet for Baton to read, with the virtio header the kernel
+// hands an offload device with it (zero but for DeliverGSO).
+type rxPkt struct {
+	hdr VirtioNetHdr
+	buf []byte
+}
+
 // txPkt is one packet Baton wrote, with the virtio header it was written
 // with (zero for Write).
 type txPkt struct {
@@ -74,14 +81,14 @@ func NewFake(name string, mtu, queues, depth int) *Fake {
 	f := &Fake{
 		name:   name,
 		mtu:    mtu,
-		rx:     make([]chan []byte, queues),
+		rx:     make([]chan rxPkt, queues),
 		tx:     make(chan txPkt, depth),
 		txFree: make(chan []byte, depth),
 		done:   make(chan struct{}),
 		c:      make(counters, queues),
 	}
 	for i := range f.rx {
-		f.rx[i] = make(chan []byte, depth)
+		f.rx[i] = make(chan rxPkt, depth)
 	}
 	for range depth {
 		// Allocated lazily by the first Write that takes it, then reused.
@@ -117,20 +124,33 @@ func (f *Fake) Read(q int, buf []byte) (int, error) {
 	if f.closed.Load() {
 		return 0, ErrClosed
 	}
-	var pkt []byte
-	select {
-	case pkt = <-f.rx[q]:
-	case <-f.done:
-		return 0, ErrClosed
-	}
 	c := &f.c[q].rx
-	n := copy(buf, pkt)
-	if n < len(pkt) {
-		c.errors.Add(1)
-		return n, ErrTruncated
+	for {
+		var p rxPkt
+		select {
+		case p = <-f.rx[q]:
+		case <-f.done:
+			return 0, ErrClosed
+		}
+		n := copy(buf, p.buf)
+		if n < len(p.buf) {
+			c.errors.Add(1)
+			return n, ErrTruncated
+		}
+		if p.hdr != (VirtioNetHdr{}) {
+			// As the real device: finish the packet, or drop it.
+			gso, err := finishRx(p.hdr, buf[:n])
+			if err != nil {
+				c.errors.Add(1)
+				continue
+			}
+			if gso {
+				c.gso.Add(1)
+			}
+		}
+		c.ok(n)
+		return n, nil
 	}
-	c.ok(n)
-	return n, nil
 }
 
 // Write implements Device. It blocks while depth packets wait for Receive.
@@ -218,16 +238,38 @@ func (f *Fake) Deliver(ctx context.Context, pkt []byte) error {
 
 // DeliverTo is Deliver onto an explicit queue.
 func (f *Fake) DeliverTo(ctx context.Context, q int, pkt []byte) error {
+	return f.deliver(ctx, q, VirtioNetHdr{}, pkt)
+}
+
+// DeliverGSO plays the kernel handing an offload device (NewFakeGSO) pkt
+// with the virtio header hdr, as the real device's receive offload does: a
+// TCP segment larger than the MTU (a GSO type, up to MaxReadPacket bytes)
+// and/or a partial checksum (NEEDS_CSUM: the checksum field holds the
+// pseudo-header sum). Read then finishes the packet as the real device's
+// does (the checksum completed, the header stripped) or drops it, counting
+// an error, when hdr does not describe it. The queue is Deliver's.
+func (f *Fake) DeliverGSO(ctx context.Context, hdr VirtioNetHdr, pkt []byte) error {
+	if !f.gso {
+		return fmt.Errorf("tun: fake %s: DeliverGSO on a device without GSO", f.name)
+	}
+	return f.deliver(ctx, f.FlowQueue(pkt), hdr, pkt)
+}
+
+func (f *Fake) deliver(ctx context.Context, q int, hdr VirtioNetHdr, pkt []byte) error {
 	if uint(q) >= uint(len(f.rx)) {
 		return badQueue(f.name, q, len(f.rx))
 	}
-	if len(pkt) == 0 || len(pkt) > f.mtu {
+	limit := f.mtu
+	if hdr.GSOType != VirtioNetHdrGSONone {
+		limit = MaxReadPacket
+	}
+	if len(pkt) == 0 || len(pkt) > limit {
 		return fmt.Errorf("tun: fake %s: cannot deliver a %d-byte packet (MTU %d)", f.name, len(pkt), f.mtu)
 	}
 	if f.closed.Load() {
 		return ErrClosed
 	}
-	cp := bytes.Clone(pkt)
+	cp := rxPkt{hdr, bytes.Clone(pkt)}
 	select {
 	case f.rx[q] <- cp:
 		return nil

@@ -205,6 +205,9 @@ func udpTo(pkt []byte, dst netip.AddrPort) (srcPort uint16, payload []byte, ok b
 // closed.
 func readUntil(ctx context.Context, dev Device, q int, match func([]byte) bool) ([]byte, error) {
 	buf := make([]byte, dev.MTU())
+	if dev.GSO() {
+		buf = make([]byte, MaxReadPacket) // receive offload
+	}
 	for ctx.Err() == nil {
 		n, err := dev.Read(q, buf)
 		if err != nil {

@@ -34,16 +34,25 @@ import (
 //     kernel's default; set so the layout never depends on it).
 //   - TUNSETVNETLE 1: the header's 16-bit fields are little-endian on every
 //     host (legacy virtio would use the host's byte order).
-//   - TUNSETOFFLOAD 0. These flags say what the kernel may send TO us:
-//     TUN_F_CSUM would let it hand us packets with partial checksums, and
-//     TUN_F_TSO4/6 packets larger than the MTU. Offering none means every
-//     packet Baton reads is complete, with a zero (or DATA_VALID) header:
-//     the readers, the hook chain (the flow tracker verifies the checksum
-//     of inbound SYN/FIN/RST segments) and gVisor's receive path stay as
-//     they are. The flags do not restrict what we write: measured on
-//     6.18, writes with gso_type TCPV4 and TCPV6, with or without
-//     NEEDS_CSUM, are accepted and delivered with TUNSETOFFLOAD 0
-//     (TestOffloadGSOWrite).
+//   - TUNSETOFFLOAD TUN_F_CSUM|TUN_F_TSO4|TUN_F_TSO6. These flags say what
+//     the kernel may send TO us (they do not restrict what we write:
+//     writes with gso_type TCPV4 and TCPV6, with or without NEEDS_CSUM,
+//     are accepted whatever they say, TestOffloadGSOWrite). With them the
+//     TUN device has checksum offload and TSO, so a TCP segment the kernel
+//     forwards into it whole (the client's own 64 KiB TSO segment, which
+//     veths and forwarding keep whole, or what GRO coalesced on the way)
+//     reaches us as one read of up to 64 KiB with NEEDS_CSUM and
+//     gso_type TCPV4/6, instead of ~45 reads of 1500 bytes: the upload
+//     profile (docs/bench/profiles/upload-offload.txt) was one read(2), one
+//     pass through gVisor and ~one ACK per 1500-byte packet. Read
+//     completes the partial checksum and hands the segment on whole
+//     (finishRx, rxoffload.go), so the hooks and gVisor see ordinary,
+//     complete packets, some longer than the MTU. Not offered: TUN_F_TSO_ECN
+//     (a segment with CWR set is cut by the kernel first, as before),
+//     TUN_F_UFO/USO (UDP is not Baton's bulk traffic).
+//     TUNSETOFFLOAD 0 (what this device did before) made the kernel cut
+//     and checksum every packet first: every read a complete packet of at
+//     most the MTU.
 //
 // The device keeps the default device's existence check, ErrInUse and
 // netlink set-up (tun_linux.go's open); only opening a queue differs.
@@ -85,8 +94,12 @@ func setupVnetQueue(fd int, name string, multiQueue bool) error {
 	if err := unix.IoctlSetPointerInt(fd, unix.TUNSETVNETLE, 1); err != nil {
 		return fmt.Errorf("TUNSETVNETLE: %w", err)
 	}
-	if err := unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, 0); err != nil {
-		return fmt.Errorf("TUNSETOFFLOAD 0: %w", err)
+	if err := unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, rxOffloads); err != nil {
+		return fmt.Errorf("TUNSETOFFLOAD %#x: %w", rxOffloads, err)
 	}
 	return nil
 }
+
+// rxOffloads is what the offload device lets the kernel hand it (see
+// TUNSETOFFLOAD above).
+const rxOffloads = unix.TUN_F_CSUM | unix.TUN_F_TSO4 | unix.TUN_F_TSO6

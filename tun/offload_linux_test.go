@@ -8,6 +8,7 @@ package tun
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"io"
 	"net"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
@@ -87,8 +89,9 @@ func TestWriteGSOWithoutOffload(t *testing.T) {
 
 // TestOffloadForwarded writes GSO segments that the kernel forwards straight
 // back into the TUN (loopNS): what Baton writes must leave as correct wire
-// packets, and what Baton reads must be complete packets of at most the MTU,
-// since the device offers the kernel no receive offloads.
+// packets, and since the device offers the kernel receive offload
+// (TUN_F_CSUM|TSO4|TSO6), what Baton reads back is the same segment whole,
+// larger than the MTU, its checksum completed by Read.
 func TestOffloadForwarded(t *testing.T) {
 	dev := loopNSConfig(t, Config{Name: "bt0", MTU: 1500, Queues: 1, Offload: true})
 	payload := make([]byte, 60000)
@@ -96,41 +99,40 @@ func TestOffloadForwarded(t *testing.T) {
 		payload[i] = byte(i * 13)
 	}
 	// remote -> anycast, as a client's segment would be forwarded, with a
-	// partial checksum (NEEDS_CSUM) and with a full one.
-	for _, partial := range []bool{true, false} {
-		pkt := buildTCP(remote, anycast, 1000, 1, header.TCPFlagAck|header.TCPFlagPsh, tsOpts, payload, partial)
-		h := VirtioNetHdr{GSOType: VirtioNetHdrGSOTCPv4, HdrLen: 52, GSOSize: 1448}
-		if partial {
-			h.Flags, h.CsumStart, h.CsumOffset = VirtioNetHdrFNeedsCsum, 20, 16
-		}
-		if err := dev.WriteGSO(0, h, [][]byte{pkt[:52], pkt[52:]}); err != nil {
-			t.Fatalf("partial %v: WriteGSO: %v", partial, err)
-		}
-		var got []byte
-		buf := make([]byte, dev.MTU())
-		for len(got) < len(payload) {
-			n, err := dev.Read(0, buf)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if n > 1500 {
-				t.Fatalf("read %d bytes", n)
-			}
-			tcp, p := tcpValid(t, buf[:n])
-			if tcp.SequenceNumber() != 1000+uint32(len(got)) {
-				t.Fatalf("partial %v: seq %d after %d bytes", partial, tcp.SequenceNumber(), len(got))
-			}
-			got = append(got, p...)
-		}
-		if !bytes.Equal(got, payload) {
-			t.Fatalf("partial %v: forwarded payload differs", partial)
-		}
+	// partial checksum (NEEDS_CSUM), as the kernel's TCP and GRO make
+	// them.
+	pkt := buildTCP(remote, anycast, 1000, 1, header.TCPFlagAck|header.TCPFlagPsh, tsOpts, payload, true)
+	want := buildTCP(remote, anycast, 1000, 1, header.TCPFlagAck|header.TCPFlagPsh, tsOpts, payload, false)
+	want[8]-- // the TTL, decremented by the forwarding
+	binary.BigEndian.PutUint16(want[10:12], 0)
+	binary.BigEndian.PutUint16(want[10:12], ^checksum.Checksum(want[:20], 0))
+	h := VirtioNetHdr{GSOType: VirtioNetHdrGSOTCPv4, HdrLen: 52, GSOSize: 1448, Flags: VirtioNetHdrFNeedsCsum, CsumStart: 20, CsumOffset: 16}
+	if err := dev.WriteGSO(0, h, [][]byte{pkt[:52], pkt[52:]}); err != nil {
+		t.Fatalf("WriteGSO: %v", err)
+	}
+	buf := make([]byte, MaxReadPacket)
+	n, err := dev.Read(0, buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tcpValid(t, buf[:n])
+	if !bytes.Equal(buf[:n], want) {
+		t.Fatalf("read %d bytes, not the %d-byte segment written (with its checksum completed)", n, len(want))
+	}
+	if s := dev.Stats(); s.RxGSO != 1 || s.RxPackets != 1 {
+		t.Fatalf("Stats = %+v", s)
+	}
+	// A reader with an MTU-sized buffer cannot take it: truncated.
+	if err := dev.WriteGSO(0, h, [][]byte{pkt[:52], pkt[52:]}); err != nil {
+		t.Fatalf("WriteGSO: %v", err)
+	}
+	if _, err := dev.Read(0, buf[:1500]); !errors.Is(err, ErrTruncated) {
+		t.Fatalf("Read into 1500 bytes = %v", err)
 	}
 	// A plain packet still goes through Write (zero header).
 	if err := dev.Write(0, udp4(remote, anycast, []byte("plain"))); err != nil {
 		t.Fatal(err)
 	}
-	buf := make([]byte, 1500)
 	if n, err := dev.Read(0, buf); err != nil || !bytes.HasSuffix(buf[:n], []byte("plain")) {
 		t.Fatalf("Read = %d, %v", n, err)
 	}
@@ -142,7 +144,7 @@ func TestOffloadForwarded(t *testing.T) {
 		t.Fatalf("WriteGSO over 64 KiB = %v", err)
 	}
 	s := dev.Stats()
-	if s.TxPackets != 3 || s.TxErrors != 2 || s.RxErrors != 0 || s.KernelRxDropped != 0 {
+	if s.TxPackets != 3 || s.TxErrors != 2 || s.RxErrors != 1 || s.KernelRxDropped != 0 {
 		t.Fatalf("Stats = %+v", s)
 	}
 }
@@ -253,24 +255,50 @@ func TestOffloadTCP(t *testing.T) {
 				}
 			}
 
-			// Client -> server: packets read from the TUN are complete
-			// and fit the MTU although the kernel built them large.
-			go c.Write(make([]byte, 100000))
-			var n int
-			for n < 10*1448 {
+			// Client -> server: the kernel builds large segments (TSO)
+			// and, the device offering receive offload, hands them to
+			// the TUN whole: Read returns them complete (checksum
+			// valid), larger than the MTU, and the bytes are the
+			// client's, in order. The test acknowledges what it reads,
+			// with a large window, so the client keeps sending.
+			sent := make([]byte, 300000)
+			for i := range sent {
+				sent[i] = byte(i*7 + i>>11)
+			}
+			go c.Write(sent)
+			var got []byte
+			largest := 0
+			for len(got) < len(sent) {
 				p, err := readUntil(ctx, dev, 0, isTCPTo(server, 0))
 				if err != nil {
 					t.Fatal(err)
 				}
-				if len(p) > 1500 {
-					t.Fatalf("read a %d-byte packet", len(p))
+				tcp, payload := tcpValid(t, p)
+				if len(payload) == 0 {
+					continue
 				}
-				_, payload := tcpValid(t, p)
-				n += len(payload)
+				if tcp.SequenceNumber() != cisn+1+uint32(len(got)) {
+					t.Fatalf("seq %d after %d bytes", tcp.SequenceNumber()-cisn-1, len(got))
+				}
+				got = append(got, payload...)
+				largest = max(largest, len(p))
+				ack := buildTCP(server, fam.client, seq, cisn+1+uint32(len(got)), header.TCPFlagAck, nil, nil, false)
+				setTCPChecksum(ack, int(fam.l3), fam.l3 == 40)
+				if err := dev.Write(0, [][]byte{ack}); err != nil {
+					t.Fatal(err)
+				}
 			}
-			if s := dev.Stats(); s.RxErrors != 0 || s.TxErrors != 0 || s.KernelRxDropped != 0 {
+			if !bytes.Equal(got, sent) {
+				t.Fatal("the bytes read from the TUN are not the client's")
+			}
+			s := dev.Stats()
+			if largest <= 1500 || s.RxGSO == 0 {
+				t.Fatalf("no segment larger than the MTU read (largest %d bytes, Stats %+v)", largest, s)
+			}
+			if s.RxErrors != 0 || s.TxErrors != 0 || s.KernelRxDropped != 0 {
 				t.Fatalf("Stats = %+v", s)
 			}
+			t.Logf("%d bytes in %d reads, %d of them GSO, largest %d bytes", len(sent), s.RxPackets, s.RxGSO, largest)
 		})
 	}
 }
@@ -329,14 +357,14 @@ func TestOffloadNoAllocs(t *testing.T) {
 	big := buildTCP(remote, anycast, 1, 1, header.TCPFlagAck, nil, make([]byte, 20000), true)
 	h := VirtioNetHdr{Flags: 1, GSOType: VirtioNetHdrGSOTCPv4, HdrLen: 40, GSOSize: 1460, CsumStart: 20, CsumOffset: 16}
 	iov := [][]byte{big}
+	bigBuf := make([]byte, MaxReadPacket)
 	allocs = testing.AllocsPerRun(50, func() {
 		if err := dev.WriteGSO(0, h, iov); err != nil {
 			t.Fatal(err)
 		}
-		for range 14 {
-			if _, err := dev.Read(0, buf); err != nil {
-				t.Fatal(err)
-			}
+		// Back whole (receive offload), its checksum completed.
+		if n, err := dev.Read(0, bigBuf); err != nil || n != len(big) {
+			t.Fatal(n, err)
 		}
 	})
 	if allocs != 0 {

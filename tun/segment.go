@@ -8,6 +8,7 @@ package tun
 import (
 	"encoding/binary"
 	"fmt"
+	"math/bits"
 )
 
 // SegmentGSO returns the packets the kernel puts on the wire for pkt written
@@ -87,10 +88,15 @@ const (
 
 // completeChecksum finishes a partial checksum like the kernel's
 // skb_checksum_help: the field already holds the pseudo-header sum, so the
-// sum from start to the end, complemented, is the checksum.
+// sum from start to the end, complemented, is the checksum; a result of 0
+// is written as 0xffff (CSUM_MANGLED_0: the same sum, and for UDP 0 would
+// mean "no checksum").
 func completeChecksum(pkt []byte, start, off int) {
-	sum := onesSum(pkt[start:], 0)
-	binary.BigEndian.PutUint16(pkt[start+off:], ^sum)
+	sum := ^onesSum(pkt[start:], 0)
+	if sum == 0 {
+		sum = 0xffff
+	}
+	binary.BigEndian.PutUint16(pkt[start+off:], sum)
 }
 
 // setTCPChecksum computes the TCP checksum of seg (IP header, TCP header at
@@ -111,26 +117,43 @@ func setTCPChecksum(seg []byte, l4 int, v6 bool) {
 }
 
 // onesSum returns the 16-bit ones' complement sum (RFC 1071) of b, an odd
-// last byte padded with zero, added to initial. Summing big-endian 32-bit
-// words into 64 bits and folding gives the same sum (2^16 = 1 modulo
-// 0xffff).
+// last byte padded with zero, added to initial. It is on the read path of
+// every large segment (finishRx), so it sums 64-bit words with end-around
+// carry, 32 bytes per round: the ones' complement sum does not depend on
+// the byte order (RFC 1071, 2.B), so the words are loaded little-endian
+// (the host's order on amd64 and arm64) and the folded sum swapped back.
+// 2^64-1 is a multiple of 2^16-1, so folding the 64-bit sum into 16 bits
+// gives the same sum as adding 16-bit words.
 func onesSum(b []byte, initial uint16) uint16 {
-	s := uint64(initial)
+	var s, c uint64
+	for len(b) >= 32 {
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(b), c)
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(b[8:]), c)
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(b[16:]), c)
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(b[24:]), c)
+		b = b[32:]
+	}
 	for len(b) >= 8 {
-		s += uint64(binary.BigEndian.Uint32(b)) + uint64(binary.BigEndian.Uint32(b[4:]))
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(b), c)
 		b = b[8:]
 	}
 	for len(b) >= 2 {
-		s += uint64(binary.BigEndian.Uint16(b))
+		s, c = bits.Add64(s, uint64(binary.LittleEndian.Uint16(b)), c)
 		b = b[2:]
 	}
 	if len(b) == 1 {
-		s += uint64(b[0]) << 8
+		// Big-endian, the odd byte is the high half of a word padded
+		// with zero; little-endian, the low half.
+		s, c = bits.Add64(s, uint64(b[0]), c)
 	}
-	for s > 0xffff {
-		s = s&0xffff + s>>16
-	}
-	return uint16(s)
+	s, c = bits.Add64(s, c, 0)
+	s += c // cannot carry again: s is 0 when the add above carried
+	t := s>>32 + s&0xffffffff
+	t = t>>32 + t&0xffffffff
+	t = t>>16 + t&0xffff
+	t = t>>16 + t&0xffff
+	t = t>>16 + t&0xffff
+	return onesSum16(bits.ReverseBytes16(uint16(t)), initial)
 }
 
 // onesSum16 adds v to the ones' complement sum a.

@@ -25,6 +25,7 @@ type dirCounters struct {
 	packets atomic.Uint64
 	bytes   atomic.Uint64
 	errors  atomic.Uint64
+	gso     atomic.Uint64 // rx: packets read with a GSO header (counted in packets too)
 }
 
 func (c *dirCounters) ok(n int) {
@@ -52,6 +53,7 @@ func (c counters) snapshot() Stats {
 		s.RxPackets += q.rx.packets.Load()
 		s.RxBytes += q.rx.bytes.Load()
 		s.RxErrors += q.rx.errors.Load()
+		s.RxGSO += q.rx.gso.Load()
 		s.TxPackets += q.tx.packets.Load()
 		s.TxBytes += q.tx.bytes.Load()
 		s.TxErrors += q.tx.errors.Load()

@@ -14,8 +14,10 @@
 // (offload_linux.go explains why that one is not opened with water) and
 // WriteGSO can hand the kernel a TCP segment of up to 64 KiB with a partial
 // checksum, which the kernel forwards whole (segmentation offload, GSO)
-// instead of Baton writing one packet per 1500 bytes. The virtio header is
-// the device's business: Read still returns bare, complete IP packets.
+// instead of Baton writing one packet per 1500 bytes; on the way in the
+// kernel likewise hands it large TCP segments (receive offload). The virtio
+// header is the device's business: Read still returns bare, complete IP
+// packets, some of them larger than the MTU (rxoffload.go).
 //
 // The OS details live in tun_linux.go (water + netlink) and offload_linux.go;
 // vnet.go and segment.go hold the virtio_net_hdr and what the kernel does
@@ -37,17 +39,26 @@ type Device interface {
 	// Name is the kernel interface name, e.g. "any0".
 	Name() string
 
-	// MTU is the device MTU in bytes: the largest IP packet Read returns and
-	// Write accepts.
+	// MTU is the device MTU in bytes: the largest IP packet Write accepts,
+	// and Read returns on a device without GSO (an offload device's Read
+	// returns TCP segments of up to MaxReadPacket bytes: see Read).
 	MTU() int
 
 	// Queues is the number of queues; valid queue indexes are 0..Queues()-1.
 	Queues() int
 
 	// Read reads one IP packet from queue q into buf and returns its length.
-	// buf should be at least MTU() bytes; a larger packet is truncated and
-	// reported as ErrTruncated. Read blocks until a packet arrives or the
-	// device is closed (then it returns ErrClosed).
+	// buf should be at least MTU() bytes (MaxReadPacket bytes on a device
+	// with GSO); a larger packet is truncated and reported as ErrTruncated.
+	// Read blocks until a packet arrives or the device is closed (then it
+	// returns ErrClosed).
+	//
+	// The packet is complete (every checksum computed) on every device. On
+	// a device with GSO (receive offload) it may be one TCP segment larger
+	// than the MTU, of up to 64 KiB: what the sender's TSO or GRO on the
+	// way made of several segments, which the kernel hands the device
+	// whole instead of cutting it to the MTU. Its IP header and TCP
+	// checksum describe the whole segment.
 	Read(q int, buf []byte) (int, error)
 
 	// Write writes one IP packet, given as a list of slices that are sent as
@@ -88,7 +99,11 @@ type Stats struct {
 	RxPackets, RxBytes uint64 // read from the device by Baton
 	TxPackets, TxBytes uint64 // written to the device by Baton
 	RxErrors           uint64 // failed reads, truncated packets included
-	TxErrors           uint64 // failed writes (packet lost)
+	// RxGSO counts the packets of RxPackets that an offload device read
+	// as one large TCP segment (receive offload: the kernel did not cut
+	// them to the MTU).
+	RxGSO    uint64
+	TxErrors uint64 // failed writes (packet lost)
 
 	// KernelTxDropped counts packets the kernel routed into the device but
 	// dropped because Baton did not read them in time (queue overflow).
@@ -111,8 +126,9 @@ type Config struct {
 	TxQueueLen int
 	// Offload opens the device with a virtio_net_hdr (IFF_VNET_HDR) so that
 	// WriteGSO can pass large TCP segments and partial checksums to the
-	// kernel (GSO() is true). The kernel is offered no receive offloads,
-	// so Read returns complete packets of at most MTU bytes either way.
+	// kernel (GSO() is true), and the kernel is offered checksum and TCP
+	// segmentation offload on the way in, so Read may return TCP segments
+	// larger than the MTU (complete, checksums computed: see Device.Read).
 	// Off by default: the default device is opened with water.
 	Offload bool
 }

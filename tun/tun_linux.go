@@ -186,11 +186,13 @@ func (d *device) MTU() int     { return d.mtu }
 func (d *device) Queues() int  { return len(d.queues) }
 
 // Read implements Device. On an offload device each read also carries the
-// virtio_net_hdr, which Read strips: the kernel is offered no receive
-// offloads (offload_linux.go), so the header is always zero or says
-// DATA_VALID and the packet behind it is complete. A packet with a header
-// asking for more (a partial checksum, GSO) cannot be handed on as a bare IP
-// packet; Read drops it, counts an error and reads the next one.
+// virtio_net_hdr, which Read strips after finishing the packet with it
+// (finishRx, rxoffload.go): the kernel is offered checksum and TCP
+// segmentation offload (offload_linux.go), so a packet may come with a
+// partial checksum, which Read completes, and may be one TCP segment of up
+// to 64 KiB (buf should then be MaxReadPacket bytes). A packet whose header
+// does not describe it is dropped: Read counts an error and reads the next
+// one.
 func (d *device) Read(q int, buf []byte) (int, error) {
 	if uint(q) >= uint(len(d.queues)) {
 		return 0, badQueue(d.name, q, len(d.queues))
@@ -223,7 +225,7 @@ func (d *device) Read(q int, buf []byte) (int, error) {
 			return 0, fmt.Errorf("tun: read %s queue %d: %w", d.name, q, err)
 		}
 		if d.vnet {
-			if n < VirtioNetHdrLen || r.hdr[0]&VirtioNetHdrFNeedsCsum != 0 || r.hdr[1] != VirtioNetHdrGSONone {
+			if n < VirtioNetHdrLen {
 				c.errors.Add(1)
 				continue
 			}
@@ -232,6 +234,16 @@ func (d *device) Read(q int, buf []byte) (int, error) {
 		if n > len(buf) {
 			c.errors.Add(1)
 			return len(buf), ErrTruncated
+		}
+		if d.vnet && (r.hdr[0] != 0 || r.hdr[1] != 0) {
+			gso, err := finishRx(decodeVirtioNetHdr(r.hdr[:]), buf[:n])
+			if err != nil {
+				c.errors.Add(1)
+				continue
+			}
+			if gso {
+				c.gso.Add(1)
+			}
 		}
 		c.ok(n)
 		return n, nil
