@@ -401,6 +401,11 @@ func (ss *session) sendBatch(entries []qentry, begin, end bool) error {
 	ss.mu.Lock()
 	ss.inflight = append(ss.inflight, inflightBatch{seq: ss.seq, sent: mono(), bytes: size, taken: taken, sync: syncStates})
 	ss.inflightBytes += size
+	// The peer coalesces acks (peer_server.go); ask for this one at once
+	// when something waits for it: the session's first ack, the release
+	// of sync-mode packets, or room in a filling window.
+	b.AckNow = begin || len(syncStates) > 0 ||
+		len(ss.inflight) >= maxInflightBatches/2 || ss.inflightBytes >= maxInflightBytes/2
 	ss.mu.Unlock()
 	if err := ss.stream.Send(b); err != nil {
 		return ss.fail(err)
@@ -535,11 +540,17 @@ func (ss *session) streamQueue() error {
 }
 
 // readAcks matches acks to batches, measures lag and records rejections.
+// An ack is cumulative: it covers every in-flight batch up to its seq, and
+// its rejections are those of that newest batch (the peer acks at once a
+// batch with a rejection, peer_server.go).
 func (ss *session) readAcks() {
 	defer close(ss.readerDone)
 	l := ss.l
 	gotFirst := false
-	var lags []time.Duration
+	var (
+		lags    []time.Duration
+		covered []inflightBatch
+	)
 	for {
 		ack, err := ss.stream.Recv()
 		if err != nil {
@@ -551,43 +562,57 @@ func (ss *session) readAcks() {
 		}
 		now, wall := mono(), time.Now()
 		ss.mu.Lock()
-		if len(ss.inflight) == 0 || ss.inflight[0].seq != ack.Seq {
+		var n int
+		if len(ss.inflight) > 0 && ack.Seq >= ss.inflight[0].seq {
+			n = int(min(ack.Seq-ss.inflight[0].seq, uint64(len(ss.inflight)))) + 1
+		}
+		if n == 0 || n > len(ss.inflight) || ss.inflight[n-1].seq != ack.Seq {
 			want := uint64(0)
 			if len(ss.inflight) > 0 {
 				want = ss.inflight[0].seq
 			}
 			ss.mu.Unlock()
-			ss.cancel(fmt.Errorf("protocol: ack for batch %d, expected %d", ack.Seq, want))
+			ss.cancel(fmt.Errorf("protocol: ack for batch %d, expected %d or a later batch in flight", ack.Seq, want))
 			return
 		}
-		f := ss.inflight[0]
-		ss.inflight[0] = inflightBatch{}
-		ss.inflight = ss.inflight[1:]
-		ss.inflightBytes -= f.bytes
+		covered = append(covered[:0], ss.inflight[:n]...)
+		for i := range n {
+			ss.inflightBytes -= ss.inflight[i].bytes
+			ss.inflight[i] = inflightBatch{}
+		}
+		ss.inflight = ss.inflight[n:]
 		ss.mu.Unlock()
 		select {
 		case ss.acked <- struct{}{}:
 		default:
 		}
 		l.r.members.seen(l.peer.Name, wall)
-		l.r.members.supported(l.peer.Name, monoBase.Add(time.Duration(f.sent-1))) // lease.go
-		if len(f.sync) > 0 && ack.Rejected == 0 {
-			if sy := l.r.repl.sync.Load(); sy != nil {
+		// The newest covered batch's send time, never a later one.
+		l.r.members.supported(l.peer.Name, monoBase.Add(time.Duration(covered[n-1].sent-1))) // lease.go
+		sy := l.r.repl.sync.Load()
+		for i := range covered {
+			f := &covered[i]
+			rejected := uint32(0)
+			if i == n-1 {
+				rejected = ack.Rejected
+			}
+			if len(f.sync) > 0 && rejected == 0 && sy != nil {
 				sy.acked(l.idx, f.sync) // releases held packets
 			}
-		}
-		if len(f.taken) > 0 {
-			lags = lags[:0]
-			var worst time.Duration
-			for _, t := range f.taken {
-				d := time.Duration(now - t)
-				lags = append(lags, d)
-				worst = max(worst, d)
-				l.lagObs.Observe(d.Seconds())
+			if len(f.taken) > 0 {
+				lags = lags[:0]
+				var worst time.Duration
+				for _, t := range f.taken {
+					d := time.Duration(now - t)
+					lags = append(lags, d)
+					worst = max(worst, d)
+					l.lagObs.Observe(d.Seconds())
+				}
+				l.window.observe(wall, lags)
+				l.lastLag.Store(int64(worst))
 			}
-			l.window.observe(wall, lags)
-			l.lastLag.Store(int64(worst))
 		}
+		clear(covered)
 		if ack.Rejected > 0 {
 			l.rejectedByPeer.Add(uint64(ack.Rejected))
 			l.setError(fmt.Errorf("peer rejected %d events: %s", ack.Rejected, ack.FirstReject))

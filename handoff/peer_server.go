@@ -15,6 +15,7 @@ import (
 	"net"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -33,6 +34,18 @@ const (
 	// MaxPeerMessageBytes is the largest gRPC message the peer server
 	// accepts.
 	MaxPeerMessageBytes = 4 << 20
+)
+
+// Ack coalescing on a Replicate stream: one ack covers every batch applied
+// since the previous one, and acks go at most every ackDelay: a batch
+// after a quiet period is acknowledged at once, batches that follow within
+// ackDelay of the last ack wait for the end of that interval. An ack goes
+// at once also for a batch with ack_now (its sender waits for it), with a
+// rejection (so that an ack's rejections are always those of its newest
+// batch), or when ackEvery batches are pending.
+var (
+	ackDelay = 3 * time.Millisecond
+	ackEvery = 16
 )
 
 type peerServer struct {
@@ -100,7 +113,8 @@ func (s *peerServer) authorizeCall(ctx context.Context) error {
 	return status.Errorf(codes.PermissionDenied, "%s: %s", RejectNotMember, detail)
 }
 
-// Replicate receives a peer's flow events and acknowledges each batch.
+// Replicate receives a peer's flow events and acknowledges the batches
+// (cumulatively, see ackDelay).
 func (s *peerServer) Replicate(stream batonv1.Peer_ReplicateServer) error {
 	r := s.r
 	names, addr := identity(stream.Context())
@@ -115,11 +129,14 @@ func (s *peerServer) Replicate(stream batonv1.Peer_ReplicateServer) error {
 			r.members.inboundClosed(sender)
 		}
 	}()
+	a := newAcker(stream)
+	defer a.stop()
 	for {
 		b, err := stream.Recv()
 		if err != nil {
 			if errors.Is(err, io.EOF) {
-				return nil
+				// The sender is done: acknowledge what is pending.
+				return a.stop()
 			}
 			s.countRecvError(err, sender, names, addr)
 			return err
@@ -145,13 +162,152 @@ func (s *peerServer) Replicate(stream batonv1.Peer_ReplicateServer) error {
 			lk.bytesRecv.Add(uint64(proto.Size(b)))
 		}
 		ack := s.apply(sender, b, &inResync, &keep)
-		if err := stream.Send(ack); err != nil {
+		if err := a.add(ack, b.AckNow || ack.Rejected > 0); err != nil {
 			return err
 		}
 	}
 }
 
-// apply applies one batch and builds its ack. Between a batch with
+// acker sends a Replicate stream's acks from a goroutine of its own, one
+// ack for the batches applied since the previous one (ackDelay).
+type acker struct {
+	stream batonv1.Peer_ReplicateServer
+	delay  time.Duration // ackDelay and ackEvery when the stream opened
+	every  int
+	wake   chan struct{} // cap 1
+	quit   chan struct{}
+	done   chan struct{}
+
+	mu      sync.Mutex
+	pending *batonv1.BatchAck // nil: nothing to acknowledge
+	n       int               // batches pending
+	last    time.Time         // when the previous ack was taken to be sent
+	now     bool              // a pending batch wants its ack at once
+	err     error             // the Send that failed
+	stopped bool
+}
+
+func newAcker(stream batonv1.Peer_ReplicateServer) *acker {
+	a := &acker{stream: stream, delay: ackDelay, every: ackEvery,
+		wake: make(chan struct{}, 1), quit: make(chan struct{}), done: make(chan struct{})}
+	go a.run()
+	return a
+}
+
+// add merges the ack of one applied batch into the pending ack; now sends
+// it at once. It returns the error of a failed Send.
+func (a *acker) add(ack *batonv1.BatchAck, now bool) error {
+	a.mu.Lock()
+	if a.err != nil {
+		err := a.err
+		a.mu.Unlock()
+		return err
+	}
+	first := a.pending == nil
+	if first {
+		a.pending, a.n = ack, 1
+	} else {
+		p := a.pending
+		p.Seq = ack.Seq
+		p.Accepted += ack.Accepted
+		p.Rejected += ack.Rejected
+		if p.FirstReject == "" {
+			p.FirstReject = ack.FirstReject
+		}
+		a.n++
+	}
+	a.now = a.now || now
+	// Wake the goroutine only when it has something new to do: start
+	// its timer, or send now.
+	signal := first || a.now || a.n >= a.every
+	a.mu.Unlock()
+	if signal {
+		select {
+		case a.wake <- struct{}{}:
+		default:
+		}
+	}
+	return nil
+}
+
+// take returns the pending ack when it is due, else how long until it is.
+func (a *acker) take() (*batonv1.BatchAck, time.Duration) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.pending == nil {
+		return nil, 0
+	}
+	now := time.Now()
+	if wait := a.delay - now.Sub(a.last); !a.now && a.n < a.every && wait > 0 {
+		return nil, wait
+	}
+	p := a.pending
+	a.pending, a.n, a.now, a.last = nil, 0, false, now
+	return p, 0
+}
+
+func (a *acker) run() {
+	defer close(a.done)
+	t := time.NewTimer(time.Hour)
+	t.Stop()
+	for {
+		select {
+		case <-a.quit:
+			return
+		case <-a.wake:
+		}
+		for {
+			p, wait := a.take()
+			if p == nil && wait == 0 {
+				break
+			}
+			if p == nil {
+				t.Reset(wait)
+				select {
+				case <-a.quit:
+					t.Stop()
+					return
+				case <-a.wake:
+					t.Stop()
+				case <-t.C:
+				}
+				continue
+			}
+			if err := a.stream.Send(p); err != nil {
+				a.mu.Lock()
+				a.err = err
+				a.mu.Unlock()
+				return
+			}
+		}
+	}
+}
+
+// stop ends the goroutine and sends the pending ack, if any (the stream
+// is still usable); it returns the error of a failed Send. Idempotent.
+func (a *acker) stop() error {
+	a.mu.Lock()
+	if a.stopped {
+		err := a.err
+		a.mu.Unlock()
+		return err
+	}
+	a.stopped = true
+	a.mu.Unlock()
+	close(a.quit)
+	<-a.done
+	a.mu.Lock()
+	p, err := a.pending, a.err
+	a.pending = nil
+	a.mu.Unlock()
+	if err == nil && p != nil {
+		err = a.stream.Send(p)
+	}
+	return err
+}
+
+// apply applies one batch and builds its ack (merged into the stream's
+// pending ack by the acker). Between a batch with
 // resync_begin and one with resync_end, the keys the sender holds are
 // collected; at resync_end everything else held from it is dropped.
 func (s *peerServer) apply(sender string, b *batonv1.FlowBatch, inResync *bool, keep *map[FlowKey]struct{}) *batonv1.BatchAck {

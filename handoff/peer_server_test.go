@@ -6,6 +6,7 @@ import (
 	"net"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -294,5 +295,92 @@ func TestPeerServerInsecure(t *testing.T) {
 	wantCode(t, err, codes.PermissionDenied)
 	if r.rejects.get("unknown", RejectNotMember) != 1 {
 		t.Fatal("not_member not counted in insecure mode")
+	}
+}
+
+// TestPeerServerAckCoalescing: a batch after a quiet period is
+// acknowledged at once; batches that follow within ackDelay of that ack
+// are acknowledged by one cumulative ack (the seq of the newest, the
+// totals of all) at the end of the interval, or at once for a batch with
+// ack_now, with a rejection (the rejections being those of that batch),
+// or when ackEvery batches are pending, or when the sender closes.
+func TestPeerServerAckCoalescing(t *testing.T) {
+	t.Cleanup(leakCheck(t))
+	r, _, pki := serverNode(t, false)
+	rs := openStream(t, dialAs(t, r, pki, "b"))
+	sendOnly := func(b *batonv1.FlowBatch) {
+		t.Helper()
+		rs.seq++
+		b.Seq = rs.seq
+		if err := rs.s.Send(b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Held acks go after at most ackDelay (the default): read acks, each
+	// for a later batch, until the last batch's, and add them up.
+	rs.mustSend(&batonv1.FlowBatch{Sender: "b", ResyncBegin: true, AckNow: true})
+	for i := range 4 {
+		sendOnly(&batonv1.FlowBatch{Sender: "b", Events: []*batonv1.FlowEvent{
+			ev(kOpen, testState("b", testKey(10+i), 1)), ev(kOpen, testState("b", testKey(20+i), 1)),
+		}})
+	}
+	var accepted uint32
+	for prev := uint64(1); prev != rs.seq; {
+		ack, err := rs.s.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ack.Seq <= prev || ack.Seq > rs.seq || ack.Rejected != 0 {
+			t.Fatalf("ack %v after the ack of batch %d (last sent %d)", ack, prev, rs.seq)
+		}
+		prev, accepted = ack.Seq, accepted+ack.Accepted
+	}
+	if accepted != 8 {
+		t.Fatalf("acks add up to %d accepted events, want 8", accepted)
+	}
+
+	// A stream whose acks would wait an hour (a stream takes ackDelay
+	// when it opens).
+	old := ackDelay
+	ackDelay = time.Hour
+	t.Cleanup(func() { ackDelay = old })
+	rs = openStream(t, dialAs(t, r, pki, "b"))
+	// The first batch: at once.
+	if ack := rs.mustSend(&batonv1.FlowBatch{Sender: "b", Events: []*batonv1.FlowEvent{ev(kOpen, testState("b", testKey(29), 1))}}); ack.Accepted != 1 {
+		t.Fatalf("first ack %v", ack)
+	}
+	// Three held, then ack_now: one ack for the four.
+	for i := range 3 {
+		sendOnly(&batonv1.FlowBatch{Sender: "b", Events: []*batonv1.FlowEvent{ev(kOpen, testState("b", testKey(30+i), 1))}})
+	}
+	if ack := rs.mustSend(&batonv1.FlowBatch{Sender: "b", AckNow: true}); ack.Accepted != 3 || ack.Rejected != 0 {
+		t.Fatalf("ack_now ack %v", ack)
+	}
+	// A rejection: at once, with the first reason.
+	sendOnly(&batonv1.FlowBatch{Sender: "b", Events: []*batonv1.FlowEvent{ev(kOpen, testState("b", testKey(33), 1))}})
+	ack := rs.mustSend(&batonv1.FlowBatch{Sender: "b", Events: []*batonv1.FlowEvent{
+		ev(kOpen, testState("c", testKey(34), 1)), // owner_mismatch
+		ev(kOpen, testState("b", testKey(35), 1)),
+	}})
+	if ack.Accepted != 2 || ack.Rejected != 1 || ack.FirstReject != RejectOwnerMismatch {
+		t.Fatalf("rejection ack %v", ack)
+	}
+	// ackEvery batches: at once.
+	for range ackEvery - 1 {
+		sendOnly(&batonv1.FlowBatch{Sender: "b"})
+	}
+	if ack := rs.mustSend(&batonv1.FlowBatch{Sender: "b"}); ack.Accepted != 0 {
+		t.Fatalf("ackEvery ack %v", ack)
+	}
+	// The sender closing its side: what is pending is acknowledged.
+	sendOnly(&batonv1.FlowBatch{Sender: "b", Events: []*batonv1.FlowEvent{ev(kOpen, testState("b", testKey(36), 1))}})
+	if err := rs.s.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if ack, err := rs.s.Recv(); err != nil || ack.Seq != rs.seq || ack.Accepted != 1 {
+		t.Fatalf("ack after CloseSend: %v %v", ack, err)
+	}
+	if _, err := rs.s.Recv(); err != io.EOF {
+		t.Fatalf("after the last ack: %v, want EOF", err)
 	}
 }

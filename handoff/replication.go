@@ -217,6 +217,8 @@ func (r *Replication) Start() error {
 		grpc.MaxRecvMsgSize(MaxPeerMessageBytes),
 		grpc.KeepaliveParams(serverKeepalive),
 		grpc.KeepaliveEnforcementPolicy(serverKeepaliveEnforcement),
+		grpc.StaticStreamWindowSize(peerStreamWindow),
+		grpc.StaticConnWindowSize(peerConnWindow),
 		grpc.WaitForHandlers(true),
 	)
 	ps := &peerServer{r: r}
@@ -242,6 +244,18 @@ func (r *Replication) Start() error {
 	return nil
 }
 
+// Static HTTP/2 flow-control windows on peer connections, both ways.
+// gRPC's default (dynamic) windows come with its bandwidth estimator, which
+// sends a PING whenever data arrives and none is outstanding: on a
+// replication stream, where batches and acks go every millisecond or so,
+// about one PING and one PING ack per message each way, each a TLS record
+// and a write(2). The static windows turn the estimator off; they are as
+// large as the most a link has in flight (maxInflightBytes).
+const (
+	peerStreamWindow = maxInflightBytes
+	peerConnWindow   = 2 * maxInflightBytes
+)
+
 func (r *Replication) dialOptions(l *link) []grpc.DialOption {
 	opts := []grpc.DialOption{
 		grpc.WithKeepaliveParams(clientKeepalive),
@@ -251,6 +265,8 @@ func (r *Replication) dialOptions(l *link) []grpc.DialOption {
 		}),
 		grpc.WithStatsHandler(byteCounter{l}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxPeerMessageBytes)),
+		grpc.WithStaticStreamWindowSize(peerStreamWindow),
+		grpc.WithStaticConnWindowSize(peerConnWindow),
 	}
 	if r.cfg.TLS != nil {
 		// The authority is the name the server's certificate must carry.

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"runtime"
 	"sort"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -83,4 +84,57 @@ func BenchmarkReplicationLagNewFlow(b *testing.B) {
 	if testing.Verbose() {
 		fmt.Printf("lag samples: %d\n", len(samples))
 	}
+}
+
+// Short connections at a steady rate, as in the lab's connection-rate
+// figure: a replicates to b and c (k=2); every millisecond two flows open,
+// the two opened the millisecond before are updated and the two before
+// those close, so that each flow is an OPEN, an UPDATE and a CLOSE in
+// separate coalesce windows. b.N is the number of flows. cpu-µs/flow is
+// the process's CPU time (all three nodes, user + system) per flow: the
+// figure to compare between builds on a noisy machine, rather than the
+// elapsed time, which the pacing sets.
+func BenchmarkReplicationShortFlows(b *testing.B) {
+	c := newCluster(b, []string{"a", "b", "c"}, 2, func(cfg *ReplicationConfig) { cfg.MaxReplicaFlows = 1 << 22 })
+	c.waitLive("a", "b", "c")
+	src := c.nodes["a"].src
+	const perTick = 2
+	var ru0, ru1 syscall.Rusage
+	cpu := func(ru *syscall.Rusage) time.Duration {
+		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	var recv0 uint64
+	for _, l := range c.nodes["a"].r.links {
+		recv0 += l.bytesRecv.Load()
+	}
+	b.ResetTimer()
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru0)
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	opened := 0
+	for seq := uint32(1); opened < b.N+2*perTick; seq++ {
+		<-tick.C
+		n := min(perTick, b.N-opened)
+		if n > 0 {
+			src.Open(keysRange(opened, opened+n)...)
+		}
+		if from := opened - perTick; from >= 0 && from < b.N {
+			src.Update(seq, keysRange(from, min(from+perTick, b.N))...)
+		}
+		if from := opened - 2*perTick; from >= 0 && from < b.N {
+			src.Close(keysRange(from, min(from+perTick, b.N))...)
+		}
+		opened += perTick
+	}
+	waitCount(c.nodes["b"].r.Store(), "a", 0)
+	waitCount(c.nodes["c"].r.Store(), "a", 0)
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru1)
+	b.StopTimer()
+	var recv uint64
+	for _, l := range c.nodes["a"].r.links {
+		recv += l.bytesRecv.Load()
+	}
+	b.ReportMetric(float64(cpu(&ru1)-cpu(&ru0))/1e3/float64(b.N), "cpu-µs/flow")
+	b.ReportMetric(float64(recv-recv0)/float64(b.N), "recv-B/flow")
+	b.ReportMetric(0, "ns/op")
 }

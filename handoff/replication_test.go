@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -344,5 +345,72 @@ func TestNewReplicationConfigErrors(t *testing.T) {
 	r.Close() // Close before Start is fine
 	if r.Start() == nil {
 		t.Error("Start after Close succeeded")
+	}
+}
+
+// With the replica holding its acks back (ackDelay), one ack covers
+// several batches: the owner releases them all, measures the lag of every
+// flow they carried, and counts the peer's support (lease.go) from the
+// send time of the newest covered batch, not from the ack's arrival.
+func TestReplicationCumulativeAcks(t *testing.T) {
+	old := ackDelay
+	ackDelay = time.Second // below ackTimeout
+	t.Cleanup(func() { ackDelay = old })
+	t.Cleanup(leakCheck(t))
+	c := newCluster(t, []string{"a", "b"}, 1, nil)
+	c.waitLive("a", "b")
+	a, l := c.nodes["a"], c.nodes["a"].r.links[0]
+	lagCount := func() (n uint64) {
+		l.window.mu.Lock()
+		defer l.window.mu.Unlock()
+		for i := range l.window.slots {
+			n += l.window.slots[i].n
+		}
+		return n
+	}
+	support := func() time.Time {
+		a.r.members.mu.Lock()
+		defer a.r.members.mu.Unlock()
+		return a.r.members.state["b"].support
+	}
+	poll := func(what string, ok func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); !ok(); time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting for %s", what)
+			}
+		}
+	}
+	// Let the session's first acks (resync) and a heartbeat's settle.
+	time.Sleep(ackDelay + 100*time.Millisecond)
+	lags0 := lagCount()
+	// Five flows, each in a batch of its own (more than a coalesce window
+	// apart): the first is acknowledged at once (the link was quiet), the
+	// other four wait for the end of the ack interval.
+	var firstSent, lastSent time.Time
+	for i := range 5 {
+		lastSent = time.Now()
+		if i == 0 {
+			firstSent = lastSent
+		}
+		a.src.Open(testKey(i))
+		poll("flow on b", func() bool { return c.nodes["b"].r.Store().Count("a") == i+1 })
+		if i == 0 {
+			poll("the first ack", func() bool { return !support().Before(firstSent) })
+		}
+	}
+	if s := support(); time.Since(firstSent) < ackDelay/2 && !s.Before(lastSent) {
+		t.Fatalf("support %v after the flows (the last opened %v): the replica did not hold its ack", s, lastSent)
+	}
+	poll("the ack", func() bool { return !support().Before(lastSent) })
+	acked := time.Now()
+	if got := lagCount() - lags0; got != 5 {
+		t.Fatalf("%d lags observed, want 5 (one per flow)", got)
+	}
+	if s := support(); s.After(lastSent.Add(ackDelay/2)) || !s.Before(acked) {
+		t.Fatalf("support %v: want the newest batch's send time (last flow opened %v, acked by %v)", s, lastSent, acked)
+	}
+	if e := l.lastError(); e != "" {
+		t.Fatalf("link error %q", e)
 	}
 }

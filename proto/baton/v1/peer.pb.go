@@ -38,7 +38,10 @@ type FlowBatch struct {
 	// rules of handoff/lease.go): how long before sending this batch it last
 	// received anything from that member. Sent at most every few hundred
 	// milliseconds (heartbeats carry it).
-	Heard         []*HeardReport `protobuf:"bytes,7,rep,name=heard,proto3" json:"heard,omitempty"`
+	Heard []*HeardReport `protobuf:"bytes,7,rep,name=heard,proto3" json:"heard,omitempty"`
+	// The sender waits for this batch's acknowledgement (the first batch of
+	// a stream, a sync-mode state, a nearly full window): ack it at once.
+	AckNow        bool `protobuf:"varint,8,opt,name=ack_now,json=ackNow,proto3" json:"ack_now,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -122,6 +125,13 @@ func (x *FlowBatch) GetHeard() []*HeardReport {
 	return nil
 }
 
+func (x *FlowBatch) GetAckNow() bool {
+	if x != nil {
+		return x.AckNow
+	}
+	return false
+}
+
 type HeardReport struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Node  string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
@@ -175,12 +185,16 @@ func (x *HeardReport) GetAgeNanos() int64 {
 	return 0
 }
 
+// BatchAck acknowledges every batch of the stream up to seq not
+// acknowledged by an earlier ack. The counts are totals over the batches
+// it covers; the callee sends it as soon as a batch has a rejection, so
+// rejections are always those of the batch seq.
 type BatchAck struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Seq      uint64                 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
 	Accepted uint32                 `protobuf:"varint,2,opt,name=accepted,proto3" json:"accepted,omitempty"`
 	Rejected uint32                 `protobuf:"varint,3,opt,name=rejected,proto3" json:"rejected,omitempty"`
-	// Reason of the first rejection in the batch, if any.
+	// Reason of the first rejection in the covered batches, if any.
 	FirstReject   string `protobuf:"bytes,4,opt,name=first_reject,json=firstReject,proto3" json:"first_reject,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -751,7 +765,7 @@ var File_baton_v1_peer_proto protoreflect.FileDescriptor
 
 const file_baton_v1_peer_proto_rawDesc = "" +
 	"\n" +
-	"\x13baton/v1/peer.proto\x12\bbaton.v1\x1a\x13baton/v1/flow.proto\"\xf7\x01\n" +
+	"\x13baton/v1/peer.proto\x12\bbaton.v1\x1a\x13baton/v1/flow.proto\"\x90\x02\n" +
 	"\tFlowBatch\x12\x16\n" +
 	"\x06sender\x18\x01 \x01(\tR\x06sender\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12+\n" +
@@ -760,7 +774,8 @@ const file_baton_v1_peer_proto_rawDesc = "" +
 	"\n" +
 	"resync_end\x18\x05 \x01(\bR\tresyncEnd\x12$\n" +
 	"\x0esent_unix_nano\x18\x06 \x01(\x03R\fsentUnixNano\x12+\n" +
-	"\x05heard\x18\a \x03(\v2\x15.baton.v1.HeardReportR\x05heard\">\n" +
+	"\x05heard\x18\a \x03(\v2\x15.baton.v1.HeardReportR\x05heard\x12\x17\n" +
+	"\aack_now\x18\b \x01(\bR\x06ackNow\">\n" +
 	"\vHeardReport\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1b\n" +
 	"\tage_nanos\x18\x02 \x01(\x03R\bageNanos\"w\n" +

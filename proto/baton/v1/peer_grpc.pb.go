@@ -35,7 +35,10 @@ const (
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 type PeerClient interface {
 	// Replicate carries batches of flow events from the caller (the flows'
-	// owner) to the callee (a replica). The callee acknowledges each batch.
+	// owner) to the callee (a replica). The callee acknowledges the batches
+	// cumulatively: one ack covers every batch up to its seq (it acks at
+	// once a batch with ack_now or with a rejection, otherwise after a few
+	// batches or a few milliseconds, whichever comes first).
 	// A new stream starts with a resync: the sender's complete set of flows
 	// for this replica between resync_begin and resync_end; afterwards the
 	// replica holds exactly that set for this sender (anti-entropy).
@@ -146,7 +149,10 @@ type Peer_ForwardClient = grpc.ClientStreamingClient[ForwardBatch, ForwardAck]
 // for forward compatibility.
 type PeerServer interface {
 	// Replicate carries batches of flow events from the caller (the flows'
-	// owner) to the callee (a replica). The callee acknowledges each batch.
+	// owner) to the callee (a replica). The callee acknowledges the batches
+	// cumulatively: one ack covers every batch up to its seq (it acks at
+	// once a batch with ack_now or with a rejection, otherwise after a few
+	// batches or a few milliseconds, whichever comes first).
 	// A new stream starts with a resync: the sender's complete set of flows
 	// for this replica between resync_begin and resync_end; afterwards the
 	// replica holds exactly that set for this sender (anti-entropy).
