@@ -94,8 +94,12 @@ func ParsePolicy(s string) (Policy, error) {
 
 // Engine defaults.
 const (
-	DefaultQueuePackets   = 128
-	DefaultMaxQueued      = 16384
+	DefaultQueuePackets = 128
+	DefaultMaxQueued    = 16384
+	// DefaultMaxQueuedBytes bounds the bytes of all queued packets: with
+	// receive offload a client packet can be a 64 KiB segment, so the
+	// packet bounds alone would allow 1 GiB.
+	DefaultMaxQueuedBytes = 32 << 20
 	DefaultMaxTakeovers   = 256
 	DefaultTakeoverWindow = 10 * time.Second
 )
@@ -131,8 +135,10 @@ type EngineConfig struct {
 	// progress; Window the time one takeover may take. 0: defaults.
 	QueuePackets int
 	MaxQueued    int
-	MaxTakeovers int
-	Window       time.Duration
+	// MaxQueuedBytes bounds the bytes of all queued packets (0: default).
+	MaxQueuedBytes int
+	MaxTakeovers   int
+	Window         time.Duration
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
 }
@@ -254,6 +260,7 @@ type Engine struct {
 	nEntries atomic.Int64
 	nHold    atomic.Int64
 	nQueued  atomic.Int64
+	qBytes   atomic.Int64 // bytes of all queued packets
 
 	// Lease (takeover_lease.go): leaseFence is the unix nanosecond before
 	// which established flows are fenced (0: none); awaiting holds the
@@ -297,6 +304,9 @@ func NewEngine(cfg EngineConfig) (*Engine, error) {
 	}
 	if cfg.QueuePackets <= 0 {
 		cfg.QueuePackets = DefaultQueuePackets
+	}
+	if cfg.MaxQueuedBytes <= 0 {
+		cfg.MaxQueuedBytes = DefaultMaxQueuedBytes
 	}
 	if cfg.MaxQueued <= 0 {
 		cfg.MaxQueued = DefaultMaxQueued
@@ -464,7 +474,7 @@ func (e *Engine) setStateLocked(f *flowEntry, s entryState) {
 }
 
 func (e *Engine) clearQueueLocked(f *flowEntry) {
-	e.nQueued.Add(-int64(len(f.queue)))
+	e.unqueue(f.queue)
 	clear(f.queue)
 	f.queue = nil
 }
@@ -473,8 +483,18 @@ func (e *Engine) clearQueueLocked(f *flowEntry) {
 func (e *Engine) takeQueueLocked(f *flowEntry) [][]byte {
 	q := f.queue
 	f.queue = nil
-	e.nQueued.Add(-int64(len(q)))
+	e.unqueue(q)
 	return q
+}
+
+// unqueue takes q's packets off the engine's queue counts.
+func (e *Engine) unqueue(q [][]byte) {
+	n := 0
+	for _, p := range q {
+		n += len(p)
+	}
+	e.nQueued.Add(-int64(len(q)))
+	e.qBytes.Add(-int64(n))
 }
 
 // startRun starts fn as f's takeover on its own goroutine, unless one is

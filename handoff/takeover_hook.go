@@ -184,13 +184,15 @@ func (h *innerHook) enqueue(f *flowEntry, p *stack.Packet, seg *tcpSegment) {
 		e.m.packet(pktQueueDropped)
 		return
 	}
-	if len(f.queue) >= e.cfg.QueuePackets || e.nQueued.Load() >= int64(e.cfg.MaxQueued) {
+	if len(f.queue) >= e.cfg.QueuePackets || e.nQueued.Load() >= int64(e.cfg.MaxQueued) ||
+		e.qBytes.Load()+int64(len(p.Data)) > int64(e.cfg.MaxQueuedBytes) {
 		f.mu.Unlock()
 		e.m.packet(pktQueueDropped)
 		return
 	}
 	f.queue = append(f.queue, append([]byte(nil), p.Data...))
 	e.nQueued.Add(1)
+	e.qBytes.Add(int64(len(p.Data)))
 	if seg.flags&header.TCPFlagAck != 0 && (!f.haveAck || tcpSeqAfter(seg.ack, f.lastAck)) {
 		f.lastAck, f.haveAck = seg.ack, true
 		f.lastWnd = seg.window
