@@ -85,37 +85,60 @@ func flowCopy(ctx context.Context, c *takeoverCluster, i int, k string) (*batonv
 	return fl[k], nil
 }
 
-// splitBrainDownload starts one paced download to node 0 and waits until
-// n1 owns it and every other node holds its replica; it returns the flow
-// key and n1's epoch.
-func splitBrainDownload(t *testing.T, ctx context.Context, c *takeoverCluster, prefix int) (*rrDownload, int, string, uint64, *atomic.Int64, *atomic.Bool) {
+// splitBrain is a running split-brain scenario: a cluster, one paced
+// download owned by n1 and replicated on every other node, the router
+// counting its segments, and n1 cut off from some peers.
+type splitBrain struct {
+	c        *takeoverCluster
+	ctx      context.Context
+	d        *rrDownload
+	key      string
+	e1       uint64 // n1's epoch before the cut
+	rate     *atomic.Int64
+	over     *atomic.Bool
+	segments func() map[string]uint64
+	heals    []func()
+	cut      time.Time
+}
+
+// startSplitBrain starts n nodes (replicas per flow), one paced download
+// from a client port from firstPort that the router sends to n1, waits
+// until n1 owns it and every other node holds its replica, then cuts n1
+// off from each of cutFrom on the peer network, waits until both sides
+// see it and moves the flow to n2.
+func startSplitBrain(t *testing.T, n int, prefix string, replicas, firstPort int, cutFrom ...int) *splitBrain {
 	t.Helper()
+	ctx := testCtx(t)
+	c := startCluster(t, ctx, n, prefix, replicas, nil)
 	l := c.Lab
-	port := portsTo(t, l, rrStreamPort, 0, 1, prefix)[0]
-	key := handoff.FlowKey{Client: netip.AddrPortFrom(l.ClientAddr4, uint16(port)), Anycast: netip.AddrPortFrom(l.Anycast4, rrStreamPort)}.String()
-	var rate atomic.Int64
-	var over atomic.Bool
-	rate.Store(512 << 10)
-	d := rrStartDownloads(t, ctx, l, []int{port}, 16<<20, &rate, &over)[0]
-	var e1 uint64
+	sb := &splitBrain{c: c, ctx: ctx, rate: new(atomic.Int64), over: new(atomic.Bool)}
+	port := portsTo(t, l, rrStreamPort, 0, 1, firstPort)[0]
+	sb.key = handoff.FlowKey{Client: netip.AddrPortFrom(l.ClientAddr4, uint16(port)), Anycast: netip.AddrPortFrom(l.Anycast4, rrStreamPort)}.String()
+	sb.rate.Store(512 << 10)
+	sb.d = rrStartDownloads(t, ctx, l, []int{port}, 16<<20, sb.rate, sb.over)[0]
 	if err := waitFor(ctx, 30*time.Second, func() error {
 		for i := range c.procs {
-			st, err := flowCopy(ctx, c, i, key)
+			st, err := flowCopy(ctx, c, i, sb.key)
 			if err != nil || st == nil || st.Owner != "n1" {
 				return fmt.Errorf("%s's copy %v, %v", lab.NodeName(i), st, err)
 			}
-			e1 = st.Epoch
+			sb.e1 = st.Epoch
 		}
 		return nil
 	}); err != nil {
 		t.Fatal(err)
 	}
-	return d, port, key, e1, &rate, &over
-}
+	sb.segments = countFlowSegments(t, l, port)
+	time.Sleep(time.Second)
 
-// waitPartitionSeen waits until each pair sees the other down.
-func waitPartitionSeen(t *testing.T, ctx context.Context, c *takeoverCluster, pairs [][2]int) {
-	t.Helper()
+	var pairs [][2]int
+	for _, p := range cutFrom {
+		heal := partitionPeers(t, l, 0, p)
+		t.Cleanup(heal)
+		sb.heals = append(sb.heals, heal)
+		pairs = append(pairs, [2]int{0, p})
+	}
+	sb.cut = time.Now()
 	if err := waitFor(ctx, time.Minute, func() error {
 		for _, pair := range pairs {
 			for _, p := range [][2]int{pair, {pair[1], pair[0]}} {
@@ -128,42 +151,33 @@ func waitPartitionSeen(t *testing.T, ctx context.Context, c *takeoverCluster, pa
 	}); err != nil {
 		t.Fatalf("partition not seen: %v", err)
 	}
+	if err := l.SetNexthops([]int{1}); err != nil {
+		t.Fatal(err)
+	}
+	return sb
 }
 
-// finishSplitBrain lets the download run fast to its end: exact, or
-// reset, never wrong.
-func finishSplitBrain(t *testing.T, d *rrDownload, rate *atomic.Int64, over *atomic.Bool) {
+// heal ends the partition, waits until the states converge (n1 owns no
+// flow, every copy says owner n2 above n1's epoch) and returns n2's epoch
+// and how long convergence took.
+func (sb *splitBrain) heal(t *testing.T) (uint64, time.Duration) {
 	t.Helper()
-	over.Store(true)
-	rate.Store(rrEndRate)
-	select {
-	case <-d.done:
-	case <-time.After(3 * time.Minute):
-		t.Fatalf("download did not finish (%d bytes)", d.pr.n.Load())
+	for _, h := range sb.heals {
+		h()
 	}
-	switch {
-	case d.err == nil:
-		t.Log("download: exact bytes")
-	case strings.Contains(d.err.Error(), "RESET"):
-		t.Logf("download: reset: %v", d.err)
-	default:
-		t.Errorf("download: %v", d.err)
+	t1 := time.Now()
+	if err := waitPeersUp(sb.ctx, sb.c.admins); err != nil {
+		t.Fatal(err)
 	}
-}
-
-// waitConverged waits until n1 owns no flow and every node's copy of key
-// says owner n2 above epoch e1; it returns n2's epoch.
-func waitConverged(t *testing.T, ctx context.Context, c *takeoverCluster, key string, e1 uint64) uint64 {
-	t.Helper()
 	var e2 uint64
-	if err := waitFor(ctx, time.Minute, func() error {
-		h, err := c.admins[0].Health(ctx, &batonv1.HealthRequest{})
+	if err := waitFor(sb.ctx, time.Minute, func() error {
+		h, err := sb.c.admins[0].Health(sb.ctx, &batonv1.HealthRequest{})
 		if err != nil || h.OwnedFlows != 0 {
 			return fmt.Errorf("n1 owns %d flows (%v)", h.GetOwnedFlows(), err)
 		}
-		for i := range c.procs {
-			st, err := flowCopy(ctx, c, i, key)
-			if err != nil || st == nil || st.Owner != "n2" || st.Epoch <= e1 || (e2 != 0 && st.Epoch != e2) {
+		for i := range sb.c.procs {
+			st, err := flowCopy(sb.ctx, sb.c, i, sb.key)
+			if err != nil || st == nil || st.Owner != "n2" || st.Epoch <= sb.e1 || (e2 != 0 && st.Epoch != e2) {
 				return fmt.Errorf("%s's copy %v, %v", lab.NodeName(i), st, err)
 			}
 			e2 = st.Epoch
@@ -172,7 +186,36 @@ func waitConverged(t *testing.T, ctx context.Context, c *takeoverCluster, key st
 	}); err != nil {
 		t.Fatalf("states did not converge after the partition healed: %v", err)
 	}
-	return e2
+	return e2, time.Since(t1)
+}
+
+// end fails the test if two nodes' data segments of the flow interleaved,
+// then lets the download run fast to its end: exact, or reset, never
+// wrong.
+func (sb *splitBrain) end(t *testing.T) {
+	t.Helper()
+	time.Sleep(2 * time.Second)
+	counts := sb.segments()
+	t.Logf("data segments of the flow by node, and after another node's first: %v", counts)
+	if bad := interleaved(counts, len(sb.c.procs)); len(bad) > 0 {
+		t.Errorf("two nodes sent data segments of the flow interleaved: %v", bad)
+	}
+	sb.over.Store(true)
+	sb.rate.Store(rrEndRate)
+	select {
+	case <-sb.d.done:
+	case <-time.After(3 * time.Minute):
+		t.Fatalf("download did not finish (%d bytes)", sb.d.pr.n.Load())
+	}
+	switch {
+	case sb.d.err == nil:
+		t.Log("download: exact bytes")
+	case strings.Contains(sb.d.err.Error(), "RESET"):
+		t.Logf("download: reset: %v", sb.d.err)
+	default:
+		t.Errorf("download: %v", sb.d.err)
+	}
+	sb.c.logMetrics()
 }
 
 // TestSplitBrainNoMajority: two nodes, n1 owns a paced download, n2 holds
@@ -185,20 +228,8 @@ func waitConverged(t *testing.T, ctx context.Context, c *takeoverCluster, key st
 // nothing during the partition; n1 reports its lease lost and fenced
 // packets, n2 dropped packets awaiting proof; the states converge on n2.
 func TestSplitBrainNoMajority(t *testing.T) {
-	ctx := testCtx(t)
-	c := startCluster(t, ctx, 2, "btw", 1, nil)
-	l := c.Lab
-	d, port, key, e1, rate, over := splitBrainDownload(t, ctx, c, 26000)
-	segments := countFlowSegments(t, l, port)
-	time.Sleep(time.Second)
-
-	heal := partitionPeers(t, l, 0, 1)
-	t.Cleanup(heal)
-	cut := time.Now()
-	waitPartitionSeen(t, ctx, c, [][2]int{{0, 1}})
-	if err := l.SetNexthops([]int{1}); err != nil {
-		t.Fatal(err)
-	}
+	sb := startSplitBrain(t, 2, "btw", 1, 26000, 1)
+	c, ctx := sb.c, sb.ctx
 	// Well past the lease (3 s) and its margin: n1 has fenced the flow,
 	// n2 has seen the client's packets and not taken the flow over.
 	if err := waitFor(ctx, time.Minute, func() error {
@@ -216,31 +247,19 @@ func TestSplitBrainNoMajority(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(2 * time.Second)
-	if st, err := flowCopy(ctx, c, 1, key); err != nil || (st != nil && st.Owner == "n2") {
+	if st, err := flowCopy(ctx, c, 1, sb.key); err != nil || (st != nil && st.Owner == "n2") {
 		t.Fatalf("n2 took the flow over during the partition (%v, %v)", st, err)
 	}
 	if n := c.counter(1, "total", ""); n != 0 {
 		t.Fatalf("n2 counted %v takeovers during the partition", n)
 	}
 	t.Logf("partitioned %s: n1 fenced %v packets, n2 dropped %v awaiting proof, no takeover",
-		time.Since(cut).Round(100*time.Millisecond), c.counter(0, "packets_total", `what="lease_fenced"`), c.counter(1, "packets_total", `what="await_gone"`))
+		time.Since(sb.cut).Round(100*time.Millisecond), c.counter(0, "packets_total", `what="lease_fenced"`), c.counter(1, "packets_total", `what="await_gone"`))
 
-	heal()
-	t1 := time.Now()
-	if err := waitPeersUp(ctx, c.admins); err != nil {
-		t.Fatal(err)
-	}
-	e2 := waitConverged(t, ctx, c, key, e1)
+	e2, took := sb.heal(t)
 	t.Logf("healed: n2 owns the flow at epoch %d (n1's was %d) %s after the heal; pull-migrate on n2: %v",
-		e2, e1, time.Since(t1).Round(time.Millisecond), c.counter(1, "total", `kind="pull-migrate"`))
-	time.Sleep(2 * time.Second)
-	counts := segments()
-	t.Logf("data segments of the flow by node, and after another node's first: %v", counts)
-	if bad := interleaved(counts, len(c.procs)); len(bad) > 0 {
-		t.Errorf("two nodes sent data segments of the flow interleaved: %v", bad)
-	}
-	finishSplitBrain(t, d, rate, over)
-	c.logMetrics()
+		e2, sb.e1, took.Round(time.Millisecond), c.counter(1, "total", `kind="pull-migrate"`))
+	sb.end(t)
 }
 
 // TestSplitBrainMinorityFenced: three nodes, n1 owns a paced download, n2
@@ -253,25 +272,11 @@ func TestSplitBrainNoMajority(t *testing.T) {
 // majority side takes the flow over during the partition; after the heal
 // the states converge on n2; the download ends exactly or reset.
 func TestSplitBrainMinorityFenced(t *testing.T) {
-	ctx := testCtx(t)
-	c := startCluster(t, ctx, 3, "btm", 2, nil)
-	l := c.Lab
-	d, port, key, e1, rate, over := splitBrainDownload(t, ctx, c, 27000)
-	segments := countFlowSegments(t, l, port)
-	time.Sleep(time.Second)
-
-	heal1 := partitionPeers(t, l, 0, 1)
-	heal2 := partitionPeers(t, l, 0, 2)
-	t.Cleanup(heal1)
-	t.Cleanup(heal2)
-	cut := time.Now()
-	waitPartitionSeen(t, ctx, c, [][2]int{{0, 1}, {0, 2}})
-	if err := l.SetNexthops([]int{1}); err != nil {
-		t.Fatal(err)
-	}
+	sb := startSplitBrain(t, 3, "btm", 2, 27000, 1, 2)
+	c, ctx := sb.c, sb.ctx
 	var e2 uint64
 	if err := waitFor(ctx, time.Minute, func() error {
-		st, err := flowCopy(ctx, c, 1, key)
+		st, err := flowCopy(ctx, c, 1, sb.key)
 		if err != nil || st == nil || st.Owner != "n2" {
 			return fmt.Errorf("n2's copy %v, %v", st, err)
 		}
@@ -281,25 +286,12 @@ func TestSplitBrainMinorityFenced(t *testing.T) {
 		t.Fatalf("the majority side did not take the flow over: %v", err)
 	}
 	t.Logf("n2 owns the flow at epoch %d (n1's %d) %s after the cut; n1 lease_held %v, fenced %v packets",
-		e2, e1, time.Since(cut).Round(100*time.Millisecond), c.counter(0, "lease_held", ""), c.counter(0, "packets_total", `what="lease_fenced"`))
+		e2, sb.e1, time.Since(sb.cut).Round(100*time.Millisecond), c.counter(0, "lease_held", ""), c.counter(0, "packets_total", `what="lease_fenced"`))
 	if v := c.counter(0, "lease_held", ""); v != 0 {
 		t.Errorf("n1, cut off from the majority, holds its lease (lease_held %v)", v)
 	}
 	time.Sleep(2 * time.Second)
-	heal1()
-	heal2()
-	t1 := time.Now()
-	if err := waitPeersUp(ctx, c.admins); err != nil {
-		t.Fatal(err)
-	}
-	e2 = waitConverged(t, ctx, c, key, e1)
-	t.Logf("healed: states converged on n2 at epoch %d %s after the heal", e2, time.Since(t1).Round(time.Millisecond))
-	time.Sleep(2 * time.Second)
-	counts := segments()
-	t.Logf("data segments of the flow by node, and after another node's first: %v", counts)
-	if bad := interleaved(counts, len(c.procs)); len(bad) > 0 {
-		t.Errorf("two nodes sent data segments of the flow interleaved: %v", bad)
-	}
-	finishSplitBrain(t, d, rate, over)
-	c.logMetrics()
+	e2, took := sb.heal(t)
+	t.Logf("healed: states converged on n2 at epoch %d %s after the heal", e2, took.Round(time.Millisecond))
+	sb.end(t)
 }

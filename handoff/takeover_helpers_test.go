@@ -163,6 +163,22 @@ type tkLab struct {
 	paws    *tkPAWS
 }
 
+// finishExact waits for d and fails the test unless it ended with exact
+// bytes, the client saw no reset and no segment a Linux client would drop
+// for PAWS.
+func (l *tkLab) finishExact(t *testing.T, d *tkDownload) {
+	t.Helper()
+	if err := d.wait(t); err != nil {
+		l.logStats()
+		t.Fatalf("download: %v", err)
+	}
+	l.logStats()
+	if n := l.resets(); n != 0 {
+		t.Fatalf("client got %d resets", n)
+	}
+	l.noPAWSDrops(t)
+}
+
 // noPAWSDrops fails the test if a node sent the client a data segment a
 // Linux client's PAWS check would have dropped (tkPAWS).
 func (l *tkLab) noPAWSDrops(t *testing.T) {

@@ -96,9 +96,7 @@ func (e *Engine) pullRun(ctx context.Context, f *flowEntry) error {
 		f.mu.Lock()
 		n := len(f.queue)
 		f.mu.Unlock()
-		for range max(n, 1) {
-			e.m.packet(pktAwaitGone)
-		}
+		e.m.packets[pktAwaitGone].Add(uint64(max(n, 1)))
 		e.drop(f)
 		return nil
 	}

@@ -119,6 +119,7 @@ func (e *Engine) startPush(k FlowKey, st *batonv1.FlowState) *takeoverRun {
 		run := f.run
 		f.mu.Unlock()
 		return run
+	case esDeciding:
 	case esMoved:
 		if st.Epoch < f.epoch {
 			// Handed over (or lost) at a newer epoch than st's: st
@@ -130,9 +131,7 @@ func (e *Engine) startPush(k FlowKey, st *batonv1.FlowState) *takeoverRun {
 			f.mu.Unlock()
 			return nil
 		}
-		e.setStateLocked(f, esDeciding)
-		f.trigger = time.Now()
-	case esDeciding:
+		fallthrough
 	default:
 		e.setStateLocked(f, esDeciding)
 		f.trigger = time.Now()

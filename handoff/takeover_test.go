@@ -58,15 +58,7 @@ func (l *tkLab) migrate(t *testing.T, dst netip.AddrPort, size uint64, flips []i
 			afterFlip(i)
 		}
 	}
-	if err := d.wait(t); err != nil {
-		l.logStats()
-		t.Fatalf("download: %v", err)
-	}
-	l.logStats()
-	if n := l.resets(); n != 0 {
-		t.Fatalf("client got %d resets", n)
-	}
-	l.noPAWSDrops(t)
+	l.finishExact(t, d)
 }
 
 // (b) A->B->A, and several flips over three nodes.
@@ -206,15 +198,7 @@ func TestTakeoverCrash(t *testing.T) {
 			} else {
 				l.route.Store(int32(oi))
 			}
-			if err := d.wait(t); err != nil {
-				l.logStats()
-				t.Fatalf("download: %v", err)
-			}
-			l.logStats()
-			if n := l.resets(); n != 0 {
-				t.Fatalf("client got %d resets", n)
-			}
-			l.noPAWSDrops(t)
+			l.finishExact(t, d)
 			// The designated replica restores the flow exactly once: by a
 			// push, or by a pull if a client packet reached it before it
 			// saw the owner die (then the push joins the pull).

@@ -61,15 +61,7 @@ func TestTakeoverCrashClosedWindow(t *testing.T) {
 				time.Sleep(tc.routeDelay)
 			}
 			l.route.Store(int32(oi))
-			if err := d.wait(t); err != nil {
-				l.logStats()
-				t.Fatalf("download: %v", err)
-			}
-			l.logStats()
-			if n := l.resets(); n != 0 {
-				t.Fatalf("client got %d resets", n)
-			}
-			l.noPAWSDrops(t)
+			l.finishExact(t, d)
 		})
 	}
 }
