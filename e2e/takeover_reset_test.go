@@ -58,8 +58,22 @@ func TestTakeoverCannotResume(t *testing.T) {
 	// Wait until the replicas hold the stalled state: the owner
 	// acknowledged more input than the client acknowledged output.
 	key := handoff.FlowKey{Client: netip.AddrPortFrom(l.ClientAddr4, uint16(stuck.port)), Anycast: netip.AddrPortFrom(l.Anycast4, echoPort)}
+	idleKey := handoff.FlowKey{Client: netip.AddrPortFrom(l.ClientAddr4, uint16(idle.port)), Anycast: netip.AddrPortFrom(l.Anycast4, echoPort)}
 	var owed uint64
 	err := waitFor(ctx, time.Minute, func() error {
+		// The caught-up session is caught up in every copy too: the
+		// client's ack of its last echo may come a delayed-ack later
+		// than its read (CI once killed the owner before it was
+		// replicated, and the session was reset, honestly).
+		for _, i := range []int{target, 1, 2} {
+			resp, err := c.admins[i].GetFlow(ctx, &batonv1.GetFlowRequest{Key: idleKey.Proto(), LocalOnly: true})
+			if err != nil {
+				return err
+			}
+			if s := resp.Flow.GetState(); s.GetServerAckedBytes() != s.GetClientAckedBytes() {
+				return fmt.Errorf("n%d: idle session owes %d bytes", i+1, s.GetServerAckedBytes()-s.GetClientAckedBytes())
+			}
+		}
 		var prev *batonv1.FlowState
 		for _, i := range []int{target, 1, 2} {
 			resp, err := c.admins[i].GetFlow(ctx, &batonv1.GetFlowRequest{Key: key.Proto(), LocalOnly: true})
