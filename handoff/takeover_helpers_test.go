@@ -393,6 +393,26 @@ func (l *tkLab) node(name string) int {
 }
 
 // resets is the number of RSTs the client's connections received.
+// quiesceTo waits until node i's hook chain has judged every client packet
+// the switch handed it (passed, consumed or dropped: each is counted). A
+// test that routes the client away and then changes node i's flow state
+// calls it in between, so that no packet routed before the change reaches
+// the hooks after it.
+func (l *tkLab) quiesceTo(t *testing.T, i int) {
+	t.Helper()
+	ep := l.nodes[i].st.Endpoint()
+	eventually(t, fmt.Sprintf("%s to judge every packet routed to it", l.nodes[i].name), func() bool {
+		s := ep.Stats()
+		seen := s.RxPackets + s.RxConsumed + s.RxNotIP
+		for _, d := range ep.HookDrops() {
+			seen += d[0]
+		}
+		// Injected packets (replays) are counted as delivered too: at
+		// least as many as the switch handed over.
+		return seen >= l.sw.ToNode[i].Load()
+	})
+}
+
 func (l *tkLab) resets() uint64 { return l.client.Stack.Stats().TCP.ResetsReceived.Value() }
 
 // enableClientSACK turns SACK on in the client stack.

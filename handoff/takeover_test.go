@@ -369,6 +369,10 @@ func TestTakeoverFenceByEpoch(t *testing.T) {
 	}
 	st.Owner, st.Epoch = "n2", st.Epoch+5
 	l.route.Store(-1) // nobody really owns it elsewhere: keep the client's packets away
+	// A client packet routed before the blackhole and judged after the
+	// state change would find the flow moved and start a takeover back,
+	// which n2 (owner in name only) can only answer with a reset.
+	l.quiesceTo(t, 0)
 	l.nodes[0].e.foreignState(st)
 	if l.nodes[0].tr.Has(d.key) {
 		t.Fatal("n1 still tracks the flow")
