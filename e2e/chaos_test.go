@@ -76,11 +76,12 @@ func impairClientLink(t *testing.T, l *lab.Lab) *chaosImpairment {
 		s := `table netdev chaos {
   chain egress {
     type filter hook egress device "` + dev + `" priority 0; policy accept;
-    ip protocol tcp numgen random mod 1000 < 10 counter drop comment "loss"
-    ip protocol tcp numgen random mod 1000 < 10 counter dup to "` + dev + `" comment "dup"
+    meta protocol ip6 meta l4proto tcp counter comment "tcp6"
+    meta l4proto tcp numgen random mod 1000 < 10 counter drop comment "loss"
+    meta l4proto tcp numgen random mod 1000 < 10 counter dup to "` + dev + `" comment "dup"
 `
 		if reorder {
-			s += `    ip protocol tcp numgen random mod 1000 < 20 counter meta priority set 1:20 comment "reorder"
+			s += `    meta l4proto tcp numgen random mod 1000 < 20 counter meta priority set 1:20 comment "reorder"
 `
 		}
 		return s + "  }\n}\n"
@@ -143,6 +144,7 @@ const (
 
 // chaosFlow is one checked stream download.
 type chaosFlow struct {
+	src     netip.AddrPort // the client's socket
 	port    int
 	conn    interface{ Close() error }
 	cr      *countingReader
@@ -151,21 +153,44 @@ type chaosFlow struct {
 	done    chan struct{}
 }
 
-// startChaosFlows opens a download of size bytes from each port, reading
-// at most hold bytes (0: no limit) until released; each ends in one
-// outcome.
+// startChaosFlows opens a download of size bytes from each port of the
+// client's IPv4 address, reading at most hold bytes (0: no limit) until
+// released; each ends in one outcome.
 func startChaosFlows(t *testing.T, ctx context.Context, l *lab.Lab, ports []int, size uint64, hold int64) []*chaosFlow {
 	t.Helper()
-	dst := netip.AddrPortFrom(l.Anycast4, streamPort)
-	var fs []*chaosFlow
+	var srcs []netip.AddrPort
 	for _, port := range ports {
-		c, err := l.Client.Dial(ctx, "tcp4", dst.String(), port)
+		srcs = append(srcs, netip.AddrPortFrom(l.ClientAddr4, uint16(port)))
+	}
+	return startChaosFlowsFrom(t, ctx, l, srcs, size, hold)
+}
+
+// chaosSources returns n client sockets whose stream flows the router
+// sends to node target, half of them over IPv4 and half over IPv6.
+func chaosSources(t *testing.T, l *lab.Lab, target, n, first int) []netip.AddrPort {
+	t.Helper()
+	return append(sourcesTo(t, l, l.ClientAddr4, streamPort, target, n-n/2, first),
+		sourcesTo(t, l, l.ClientAddr6, streamPort, target, n/2, first)...)
+}
+
+// startChaosFlowsFrom is startChaosFlows from the given client sockets
+// (IPv4 or IPv6, to the anycast address of the same family).
+func startChaosFlowsFrom(t *testing.T, ctx context.Context, l *lab.Lab, srcs []netip.AddrPort, size uint64, hold int64) []*chaosFlow {
+	t.Helper()
+	var fs []*chaosFlow
+	for _, src := range srcs {
+		network, dst := "tcp4", netip.AddrPortFrom(l.Anycast4, streamPort)
+		if src.Addr().Is6() {
+			network, dst = "tcp6", netip.AddrPortFrom(l.Anycast6, streamPort)
+		}
+		port := int(src.Port())
+		c, err := l.Client.Dial(ctx, network, dst.String(), port)
 		if err != nil {
-			t.Fatalf("port %d: %v", port, err)
+			t.Fatalf("%v: %v", src, err)
 		}
 		t.Cleanup(func() { c.Close() })
 		seed := uint64(port)*7 + 1
-		f := &chaosFlow{port: port, conn: c, cr: &countingReader{r: c, ctx: ctx}, done: make(chan struct{})}
+		f := &chaosFlow{src: src, port: port, conn: c, cr: &countingReader{r: c, ctx: ctx}, done: make(chan struct{})}
 		f.cr.limit.Store(hold)
 		if _, err := io.WriteString(c, services.StreamRequest(size, seed)); err != nil {
 			t.Fatal(err)
@@ -188,7 +213,7 @@ func startChaosFlows(t *testing.T, ctx context.Context, l *lab.Lab, ports []int,
 				f.outcome = outError
 			}
 			if f.err != nil {
-				f.err = fmt.Errorf("port %d after %d bytes: %w", port, got, f.err)
+				f.err = fmt.Errorf("%v after %d bytes: %w", src, got, f.err)
 			}
 		}()
 		fs = append(fs, f)
@@ -207,7 +232,7 @@ func waitHeld(t *testing.T, ctx context.Context, fs []*chaosFlow, hold int64) {
 			default:
 			}
 			if n := f.cr.n.Load(); n < hold {
-				return fmt.Errorf("port %d at %d bytes", f.port, n)
+				return fmt.Errorf("%v at %d bytes", f.src, n)
 			}
 		}
 		return nil
@@ -239,7 +264,7 @@ func chaosOutcomes(t *testing.T, what string, fs []*chaosFlow, limit time.Durati
 		default:
 			f.conn.Close()
 			<-f.done
-			f.outcome, f.err = outStalled, fmt.Errorf("port %d stalled at %d bytes", f.port, f.cr.n.Load())
+			f.outcome, f.err = outStalled, fmt.Errorf("%v stalled at %d bytes", f.src, f.cr.n.Load())
 		}
 		counts[f.outcome]++
 		if f.outcome != outExact && f.outcome != outReset {
@@ -258,8 +283,9 @@ func chaosOutcomes(t *testing.T, what string, fs []*chaosFlow, limit time.Durati
 // TestChaosImpairedTakeovers: 1% loss and 1% duplication on the client
 // link both ways, 2% of the packets to the client reordered, while the
 // router drains a node (its flows migrate by pull) and then while a node
-// is killed with SIGKILL (its flows are restored from replicas). Every
-// download ends exactly or reset, none with wrong bytes.
+// is killed with SIGKILL (its flows are restored from replicas); half of
+// the downloads run over IPv4, half over IPv6. Every download ends
+// exactly or reset, none with wrong bytes.
 func TestChaosImpairedTakeovers(t *testing.T) {
 	ctx := testCtx(t)
 	c := startCluster(t, ctx, 3, "btq", 2, nil)
@@ -270,7 +296,7 @@ func TestChaosImpairedTakeovers(t *testing.T) {
 	const flows, size, hold = 8, 12 << 20, 1 << 20
 
 	resets := clientResets(t, l)
-	fs := startChaosFlows(t, ctx, l, portsTo(t, l, streamPort, 0, flows, 22000), size, hold)
+	fs := startChaosFlowsFrom(t, ctx, l, chaosSources(t, l, 0, flows, 22000), size, hold)
 	waitHeld(t, ctx, fs, hold)
 	releaseChaos(fs)
 	if err := l.SetNexthops([]int{1, 2}); err != nil {
@@ -283,7 +309,7 @@ func TestChaosImpairedTakeovers(t *testing.T) {
 		t.Fatal(err)
 	}
 	resets = clientResets(t, l)
-	fs = startChaosFlows(t, ctx, l, portsTo(t, l, streamPort, 1, flows, 23000), size, hold)
+	fs = startChaosFlowsFrom(t, ctx, l, chaosSources(t, l, 1, flows, 23000), size, hold)
 	waitHeld(t, ctx, fs, hold)
 	releaseChaos(fs)
 	if err := c.procs[1].Kill(); err != nil {
@@ -310,7 +336,7 @@ func TestChaosImpairedTakeovers(t *testing.T) {
 	t.Logf("router's client link classes (1:10 default, 1:20 overtaking; overlimits: the default class was queueing):\n%s",
 		nsRun(t, l.Router, "", "tc", "-s", "class", "show", "dev", "to-c"))
 	c.logMetrics()
-	for _, k := range []string{"to-client loss", "to-client dup", "to-client reorder", "from-client loss", "from-client dup"} {
+	for _, k := range []string{"to-client loss", "to-client dup", "to-client reorder", "from-client loss", "from-client dup", "to-client tcp6", "from-client tcp6"} {
 		if counts[k] == 0 {
 			t.Errorf("impairment %q never applied", k)
 		}

@@ -199,16 +199,40 @@ func clientResets(t *testing.T, l *lab.Lab) uint64 {
 func portsTo(t *testing.T, l *lab.Lab, dport uint16, target, n, first int) []int {
 	t.Helper()
 	var ports []int
-	for port := first; len(ports) < n; port++ {
+	for _, src := range sourcesTo(t, l, l.ClientAddr4, dport, target, n, first) {
+		ports = append(ports, int(src.Port()))
+	}
+	return ports
+}
+
+// sourcesTo returns n client sockets of client (the lab client's IPv4 or
+// IPv6 address), ports from first up, whose flows to the anycast address
+// of the same family and dport the router sends to node target (-1: any
+// node).
+func sourcesTo(t *testing.T, l *lab.Lab, client netip.Addr, dport uint16, target, n, first int) []netip.AddrPort {
+	t.Helper()
+	dst := netip.AddrPortFrom(l.Anycast4, dport)
+	if client.Is6() {
+		dst = netip.AddrPortFrom(l.Anycast6, dport)
+	}
+	var srcs []netip.AddrPort
+	for port := first; len(srcs) < n; port++ {
 		if port > 65535 {
 			t.Fatalf("fewer than %d ports from %d go to node %d", n, first, target)
 		}
-		if target >= 0 && predict(t, l, port, dport) != target {
-			continue
+		src := netip.AddrPortFrom(client, uint16(port))
+		if target >= 0 {
+			owner, err := l.PredictNode(src, dst)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if owner != target {
+				continue
+			}
 		}
-		ports = append(ports, port)
+		srcs = append(srcs, src)
 	}
-	return ports
+	return srcs
 }
 
 // predict returns the node the router sends the flow from client port
