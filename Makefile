@@ -15,7 +15,9 @@ PROTOC_GEN_GO_GRPC := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
 # go1.26's fuzz coordinator can fail a clean run with "context deadline
 # exceeded" when the deadline fires while a starved worker is mid-call
 # (golang/go#75804, fixed in go1.27; CI saw it on FuzzStreamRequest). A count
-# has no deadline to race; -timeout still bounds a target that really hangs.
+# has no deadline to race. go test's -timeout does not cover the fuzzing
+# phase (testing stops its alarm before it), so coreutils timeout bounds
+# each target at 10 minutes: an input that really hangs fails the run.
 FUZZTIME ?= 100000x
 # The churn soak's length in make test (e2e.TestSoakChurn; 0 skips it).
 SOAK ?= 10m
@@ -52,7 +54,7 @@ fuzz:
 	@set -e; for pkg in $$($(GO) list ./...); do \
 	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
 	    echo "fuzz $$pkg $$f ($(FUZZTIME))"; \
-	    $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) -timeout 10m $$pkg; \
+	    timeout -k 30s 10m $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg; \
 	  done; \
 	done
 

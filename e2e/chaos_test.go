@@ -145,24 +145,11 @@ const (
 // chaosFlow is one checked stream download.
 type chaosFlow struct {
 	src     netip.AddrPort // the client's socket
-	port    int
 	conn    interface{ Close() error }
 	cr      *countingReader
 	outcome string
 	err     error
 	done    chan struct{}
-}
-
-// startChaosFlows opens a download of size bytes from each port of the
-// client's IPv4 address, reading at most hold bytes (0: no limit) until
-// released; each ends in one outcome.
-func startChaosFlows(t *testing.T, ctx context.Context, l *lab.Lab, ports []int, size uint64, hold int64) []*chaosFlow {
-	t.Helper()
-	var srcs []netip.AddrPort
-	for _, port := range ports {
-		srcs = append(srcs, netip.AddrPortFrom(l.ClientAddr4, uint16(port)))
-	}
-	return startChaosFlowsFrom(t, ctx, l, srcs, size, hold)
 }
 
 // chaosSources returns n client sockets whose stream flows the router
@@ -173,24 +160,24 @@ func chaosSources(t *testing.T, l *lab.Lab, target, n, first int) []netip.AddrPo
 		sourcesTo(t, l, l.ClientAddr6, streamPort, target, n/2, first)...)
 }
 
-// startChaosFlowsFrom is startChaosFlows from the given client sockets
-// (IPv4 or IPv6, to the anycast address of the same family).
-func startChaosFlowsFrom(t *testing.T, ctx context.Context, l *lab.Lab, srcs []netip.AddrPort, size uint64, hold int64) []*chaosFlow {
+// startChaosFlows opens a download of size bytes from each client socket
+// (IPv4 or IPv6, to the anycast address of the same family), reading at
+// most hold bytes (0: no limit) until released; each ends in one outcome.
+func startChaosFlows(t *testing.T, ctx context.Context, l *lab.Lab, srcs []netip.AddrPort, size uint64, hold int64) []*chaosFlow {
 	t.Helper()
 	var fs []*chaosFlow
 	for _, src := range srcs {
-		network, dst := "tcp4", netip.AddrPortFrom(l.Anycast4, streamPort)
+		network := "tcp4"
 		if src.Addr().Is6() {
-			network, dst = "tcp6", netip.AddrPortFrom(l.Anycast6, streamPort)
+			network = "tcp6"
 		}
-		port := int(src.Port())
-		c, err := l.Client.Dial(ctx, network, dst.String(), port)
+		c, err := l.Client.Dial(ctx, network, anycastFor(l, src.Addr(), streamPort).String(), int(src.Port()))
 		if err != nil {
 			t.Fatalf("%v: %v", src, err)
 		}
 		t.Cleanup(func() { c.Close() })
-		seed := uint64(port)*7 + 1
-		f := &chaosFlow{src: src, port: port, conn: c, cr: &countingReader{r: c, ctx: ctx}, done: make(chan struct{})}
+		seed := uint64(src.Port())*7 + 1
+		f := &chaosFlow{src: src, conn: c, cr: &countingReader{r: c, ctx: ctx}, done: make(chan struct{})}
 		f.cr.limit.Store(hold)
 		if _, err := io.WriteString(c, services.StreamRequest(size, seed)); err != nil {
 			t.Fatal(err)
@@ -296,7 +283,7 @@ func TestChaosImpairedTakeovers(t *testing.T) {
 	const flows, size, hold = 8, 12 << 20, 1 << 20
 
 	resets := clientResets(t, l)
-	fs := startChaosFlowsFrom(t, ctx, l, chaosSources(t, l, 0, flows, 22000), size, hold)
+	fs := startChaosFlows(t, ctx, l, chaosSources(t, l, 0, flows, 22000), size, hold)
 	waitHeld(t, ctx, fs, hold)
 	releaseChaos(fs)
 	if err := l.SetNexthops([]int{1, 2}); err != nil {
@@ -309,7 +296,7 @@ func TestChaosImpairedTakeovers(t *testing.T) {
 		t.Fatal(err)
 	}
 	resets = clientResets(t, l)
-	fs = startChaosFlowsFrom(t, ctx, l, chaosSources(t, l, 1, flows, 23000), size, hold)
+	fs = startChaosFlows(t, ctx, l, chaosSources(t, l, 1, flows, 23000), size, hold)
 	waitHeld(t, ctx, fs, hold)
 	releaseChaos(fs)
 	if err := c.procs[1].Kill(); err != nil {
@@ -459,8 +446,8 @@ func TestChaosPeerPartition(t *testing.T) {
 	c := startCluster(t, ctx, 3, "btp", 2, nil)
 	l := c.Lab
 	const size, hold = 12 << 20, 1 << 20
-	fs := startChaosFlows(t, ctx, l, portsTo(t, l, streamPort, 0, 6, 25000), size, hold)
-	fs = append(fs, startChaosFlows(t, ctx, l, portsTo(t, l, streamPort, -1, 6, 25500), size, hold)...)
+	fs := startChaosFlows(t, ctx, l, sourcesTo(t, l, l.ClientAddr4, streamPort, 0, 6, 25000), size, hold)
+	fs = append(fs, startChaosFlows(t, ctx, l, sourcesTo(t, l, l.ClientAddr4, streamPort, -1, 6, 25500), size, hold)...)
 	waitHeld(t, ctx, fs, hold)
 
 	pushes0 := c.total("total", `kind="push"`)
@@ -509,7 +496,7 @@ func TestChaosPeerPartition(t *testing.T) {
 		}
 		clear(byOwner)
 		for _, f := range fs {
-			k := handoff.FlowKey{Client: netip.AddrPortFrom(l.ClientAddr4, uint16(f.port)), Anycast: netip.AddrPortFrom(l.Anycast4, streamPort)}.String()
+			k := handoff.FlowKey{Client: f.src, Anycast: anycastFor(l, f.src.Addr(), streamPort)}.String()
 			var first *batonv1.FlowState
 			for i := range copies {
 				cp := copies[i][k]

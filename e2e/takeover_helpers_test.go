@@ -211,24 +211,14 @@ func portsTo(t *testing.T, l *lab.Lab, dport uint16, target, n, first int) []int
 // node).
 func sourcesTo(t *testing.T, l *lab.Lab, client netip.Addr, dport uint16, target, n, first int) []netip.AddrPort {
 	t.Helper()
-	dst := netip.AddrPortFrom(l.Anycast4, dport)
-	if client.Is6() {
-		dst = netip.AddrPortFrom(l.Anycast6, dport)
-	}
 	var srcs []netip.AddrPort
 	for port := first; len(srcs) < n; port++ {
 		if port > 65535 {
 			t.Fatalf("fewer than %d ports from %d go to node %d", n, first, target)
 		}
 		src := netip.AddrPortFrom(client, uint16(port))
-		if target >= 0 {
-			owner, err := l.PredictNode(src, dst)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if owner != target {
-				continue
-			}
+		if target >= 0 && predictFrom(t, l, src, dport) != target {
+			continue
 		}
 		srcs = append(srcs, src)
 	}
@@ -239,11 +229,26 @@ func sourcesTo(t *testing.T, l *lab.Lab, client netip.Addr, dport uint16, target
 // port to the anycast IPv4 address's dport to.
 func predict(t *testing.T, l *lab.Lab, port int, dport uint16) int {
 	t.Helper()
-	owner, err := l.PredictNode(netip.AddrPortFrom(l.ClientAddr4, uint16(port)), netip.AddrPortFrom(l.Anycast4, dport))
+	return predictFrom(t, l, netip.AddrPortFrom(l.ClientAddr4, uint16(port)), dport)
+}
+
+// predictFrom returns the node the router sends the flow from client
+// socket src to the anycast address of src's family and dport to.
+func predictFrom(t *testing.T, l *lab.Lab, src netip.AddrPort, dport uint16) int {
+	t.Helper()
+	owner, err := l.PredictNode(src, anycastFor(l, src.Addr(), dport))
 	if err != nil {
 		t.Fatal(err)
 	}
 	return owner
+}
+
+// anycastFor returns the anycast address of client's family, port dport.
+func anycastFor(l *lab.Lab, client netip.Addr, dport uint16) netip.AddrPort {
+	if client.Is6() {
+		return netip.AddrPortFrom(l.Anycast6, dport)
+	}
+	return netip.AddrPortFrom(l.Anycast4, dport)
 }
 
 // echoPort is the echo service's port.
