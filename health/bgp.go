@@ -150,10 +150,54 @@ func (b *BGP) Start(ctx context.Context) error {
 			return fmt.Errorf("bgp.neighbors: %s: %v", n.Address, err)
 		}
 	}
+	if err := awaitListening(ctx, srv, b.log); err != nil {
+		srv.Stop()
+		return err
+	}
 	b.srv, b.started = srv, true
 	b.log.Info("bgp speaker started", "asn", b.cfg.ASN, "router_id", b.cfg.RouterID, "port", b.cfg.ListenPort,
 		"neighbors", len(b.cfg.Neighbors))
 	return nil
+}
+
+// listenWait bounds how long Start waits for the neighbors to leave Idle.
+// A new GoBGP peer starts in Idle with an idle hold time of zero, so this
+// takes microseconds to milliseconds; the bound only keeps a wedged speaker
+// from holding the node's start forever.
+const listenWait = 5 * time.Second
+
+// awaitListening returns once no neighbor is in Idle. A GoBGP peer in Idle
+// closes every connection it is handed (fsm.go, idle state), so a router
+// that connected in the few milliseconds after AddPeer was reset and, with
+// a connect-retry of 120 s (BIRD's default), stayed down for two minutes.
+// Once Start returns, a router's first connection is accepted. On the bound
+// it logs and goes on: the routers' connect-retry still brings the
+// sessions up.
+func awaitListening(ctx context.Context, srv *server.BgpServer, log *slog.Logger) error {
+	deadline := time.Now().Add(listenWait)
+	for {
+		idle := 0
+		err := srv.ListPeer(ctx, &api.ListPeerRequest{}, func(p *api.Peer) {
+			if p.State == nil || p.State.SessionState == api.PeerState_IDLE {
+				idle++
+			}
+		})
+		if err != nil {
+			return fmt.Errorf("bgp: list neighbors: %v", err)
+		}
+		if idle == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			log.Warn("bgp neighbors still idle after start; relying on their connect-retry", "idle", idle, "waited", listenWait)
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("bgp: waiting for neighbors to leave idle: %w", ctx.Err())
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
 }
 
 // path builds the GoBGP path of p.
