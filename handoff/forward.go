@@ -35,8 +35,15 @@ const (
 type forwarder struct {
 	e    *Engine
 	peer string
-	ch   chan []byte
+	ch   chan fwdPacket
 	stop chan struct{}
+}
+
+// fwdPacket is a packet to tunnel; late: a late packet of a flow just
+// handed over to the peer (takeover_hook.go, forwardLate).
+type fwdPacket struct {
+	data []byte
+	late bool
 }
 
 // startForward makes f a forwarded flow: its queued packets and every
@@ -54,7 +61,7 @@ func (e *Engine) startForward(f *flowEntry, owner string, epoch uint64) {
 		return
 	}
 	for _, pkt := range q {
-		fw.send(pkt)
+		fw.send(pkt, false)
 	}
 	e.log.Debug("takeover: forwarding flow to its owner", "flow", f.key.String(), "owner", owner)
 }
@@ -70,10 +77,11 @@ func (e *Engine) forwarderFor(peer string) *forwarder {
 	if e.closed.Load() {
 		return nil
 	}
-	fw := &forwarder{e: e, peer: peer, ch: make(chan []byte, forwardQueue), stop: make(chan struct{})}
+	fw := &forwarder{e: e, peer: peer, ch: make(chan fwdPacket, forwardQueue), stop: make(chan struct{})}
+	if !e.spawn(fw.run) {
+		return nil
+	}
 	e.fwds[peer] = fw
-	e.wg.Add(1)
-	go func() { defer e.wg.Done(); fw.run() }()
 	return fw
 }
 
@@ -109,9 +117,9 @@ func (e *Engine) stopForwarder(peer string) {
 }
 
 // send queues a copy of pkt (never blocks).
-func (fw *forwarder) send(pkt []byte) {
+func (fw *forwarder) send(pkt []byte, late bool) {
 	select {
-	case fw.ch <- append([]byte(nil), pkt...):
+	case fw.ch <- fwdPacket{data: append([]byte(nil), pkt...), late: late}:
 		fw.e.m.packet(pktForwardOut)
 	default:
 		fw.e.m.packet(pktForwardDropped)
@@ -127,30 +135,39 @@ func (fw *forwarder) run() {
 		cancel context.CancelFunc = func() {}
 	)
 	defer func() { cancel() }()
-	batch := make([][]byte, 0, forwardBatch)
+	var batch *batonv1.ForwardBatch
+	add := func(p fwdPacket) {
+		if p.late {
+			batch.LatePackets = append(batch.LatePackets, p.data)
+		} else {
+			batch.Packets = append(batch.Packets, p.data)
+		}
+	}
 	for {
-		batch = batch[:0]
+		// A new message each time: gRPC may still hold the one sent.
+		batch = &batonv1.ForwardBatch{Sender: e.self}
 		select {
 		case <-e.ctx.Done():
 			return
 		case <-fw.stop:
 			return
-		case pkt := <-fw.ch:
-			batch = append(batch, pkt)
+		case p := <-fw.ch:
+			add(p)
 		}
 	fill:
-		for len(batch) < forwardBatch {
+		for len(batch.Packets)+len(batch.LatePackets) < forwardBatch {
 			select {
-			case pkt := <-fw.ch:
-				batch = append(batch, pkt)
+			case p := <-fw.ch:
+				add(p)
 			default:
 				break fill
 			}
 		}
+		n := len(batch.Packets) + len(batch.LatePackets)
 		if stream == nil {
 			c := e.r.peerClient(fw.peer)
 			if c == nil {
-				fw.dropped(len(batch))
+				fw.dropped(n)
 				if sleepCtx(e.ctx, forwardBackoff) != nil {
 					return
 				}
@@ -160,18 +177,18 @@ func (fw *forwarder) run() {
 			s, err := c.Forward(ctx)
 			if err != nil {
 				cf()
-				fw.dropped(len(batch))
+				fw.dropped(n)
 				continue
 			}
 			stream, cancel = s, cf
 		}
-		if err := stream.Send(&batonv1.ForwardBatch{Sender: e.self, Packets: batch}); err != nil {
+		if err := stream.Send(batch); err != nil {
 			if !errors.Is(err, io.EOF) {
 				e.log.Debug("takeover: forward stream broke", "peer", fw.peer, "err", err)
 			}
 			cancel()
 			stream, cancel = nil, func() {}
-			fw.dropped(len(batch))
+			fw.dropped(n)
 		}
 	}
 }

@@ -251,11 +251,11 @@ func TestHostileOutsideAnycast(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := fs.Send(&batonv1.ForwardBatch{Sender: "n2", Packets: [][]byte{pkt}}); err != nil {
+	if err := fs.Send(&batonv1.ForwardBatch{Sender: "n2", Packets: [][]byte{pkt}, LatePackets: [][]byte{pkt}}); err != nil {
 		t.Fatal(err)
 	}
 	ack, err := fs.CloseAndRecv()
-	if err != nil || ack.Accepted != 0 || ack.Rejected != 1 {
+	if err != nil || ack.Accepted != 0 || ack.Rejected != 2 {
 		t.Fatalf("forwarded packet outside the anycast prefixes: ack %v, %v", ack, err)
 	}
 }

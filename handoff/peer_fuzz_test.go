@@ -89,6 +89,8 @@ func FuzzPeerRequests(f *testing.F) {
 		{fuzzDepart, &batonv1.ClaimRequest{Key: out, Claimer: "n2"}},
 		{fuzzForward, &batonv1.ForwardBatch{Sender: "n2", Packets: [][]byte{
 			trkSeg{src: netip.AddrPortFrom(trkClient4, 40001), dst: trkAnycast4, seq: 5, ack: 9, flags: 0x10}.bytes(), {0x45, 0, 0, 20}}}},
+		{fuzzForward, &batonv1.ForwardBatch{Sender: "n2", LatePackets: [][]byte{
+			trkSeg{src: netip.AddrPortFrom(trkClient4, 40002), dst: trkAnycast4, seq: 7, ack: 3, flags: 0x10}.bytes(), {0x60, 0, 0}}}},
 		{fuzzForward, &batonv1.ForwardBatch{Sender: "intruder"}},
 	} {
 		b, err := proto.Marshal(m.msg)
@@ -193,8 +195,8 @@ func FuzzPeerRequests(f *testing.F) {
 			if b.Sender != "n2" {
 				t.Fatalf("forward on behalf of %q accepted from n2", b.Sender)
 			}
-			if s.ack == nil || s.ack.Accepted+s.ack.Rejected != uint64(len(b.Packets)) {
-				t.Fatalf("ack %v for %d packets", s.ack, len(b.Packets))
+			if n := len(b.Packets) + len(b.LatePackets); s.ack == nil || s.ack.Accepted+s.ack.Rejected != uint64(n) {
+				t.Fatalf("ack %v for %d packets", s.ack, n)
 			}
 		}
 	})

@@ -484,7 +484,7 @@ func (s *peerServer) Forward(stream batonv1.Peer_ForwardServer) error {
 			return status.Errorf(codes.PermissionDenied, "%s: sender changed within a stream", RejectIdentityMismatch)
 		}
 		e := s.r.engine.Load()
-		for _, pkt := range b.Packets {
+		for i, pkt := range slices.Concat(b.Packets, b.LatePackets) {
 			if e == nil {
 				ack.Rejected++
 				continue
@@ -495,7 +495,7 @@ func (s *peerServer) Forward(stream batonv1.Peer_ForwardServer) error {
 				continue
 			}
 			ack.Accepted++
-			if !seen[k] && len(seen) < 4096 {
+			if late := i >= len(b.Packets); !late && !seen[k] && len(seen) < 4096 {
 				seen[k] = true
 				e.tr.AddHistory(k, sender, HowForward)
 			}

@@ -102,6 +102,16 @@ const (
 	DefaultMaxQueuedBytes = 32 << 20
 	DefaultMaxTakeovers   = 256
 	DefaultTakeoverWindow = 10 * time.Second
+	// DefaultMovedSettle is how long after handing a flow over a node
+	// tunnels the flow's late packets to the new owner instead of taking
+	// the flow back. Late packets are those the node was handed before
+	// the route changed and judges after its claim was granted: its
+	// receive backlog (the TUN's queue, 500 packets at the default
+	// txqueuelen, read in batches) drains in milliseconds, so 200 ms is
+	// a wide margin. A flow that really comes back within the window
+	// loses nothing: its packets take the detour until the window ends,
+	// then the next one takes it back.
+	DefaultMovedSettle = 200 * time.Millisecond
 )
 
 // Lingering of the table's tombstones.
@@ -139,6 +149,12 @@ type EngineConfig struct {
 	MaxQueuedBytes int
 	MaxTakeovers   int
 	Window         time.Duration
+	// MovedSettle: for this long after handing a flow over, its client
+	// packets that still reach this node are tunnelled to the new owner
+	// (late packets of the route change that moved it: taking the flow
+	// back for one of them would bounce it between the nodes). 0: the
+	// default; negative: never (every such packet takes the flow back).
+	MovedSettle time.Duration
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
 }
@@ -194,7 +210,8 @@ type flowEntry struct {
 	synCh   chan synAck
 	run     *takeoverRun
 	fwd     *forwarder
-	owner   string // esMoved: the new owner; esForward: the owner
+	owner   string    // esMoved: the new owner; esForward: the owner
+	movedAt time.Time // esMoved: when the flow was handed over
 	epoch   uint64
 	until   time.Time // tombstone expiry
 	reason  string    // esReset: why
@@ -277,6 +294,8 @@ type Engine struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	closed atomic.Bool
+	// spawnMu orders spawn's wg.Add before Close's Wait (spawn).
+	spawnMu sync.Mutex
 
 	tracer atomic.Pointer[Tracer] // takeover_trace.go
 
@@ -313,6 +332,9 @@ func NewEngine(cfg EngineConfig) (*Engine, error) {
 	}
 	if cfg.MaxTakeovers <= 0 {
 		cfg.MaxTakeovers = DefaultMaxTakeovers
+	}
+	if cfg.MovedSettle == 0 {
+		cfg.MovedSettle = DefaultMovedSettle
 	}
 	if cfg.Window <= 0 {
 		cfg.Window = DefaultTakeoverWindow
@@ -372,18 +394,40 @@ func (e *Engine) FenceHook() stack.Hook { return e.fence }
 func (e *Engine) Start() {
 	e.startOnce.Do(func() {
 		e.r.engine.Store(e)
-		e.wg.Add(3)
-		go func() { defer e.wg.Done(); e.watchMembers() }()
-		go func() { defer e.wg.Done(); e.janitor() }()
-		go func() { defer e.wg.Done(); e.watchLease() }()
+		e.spawn(e.watchMembers)
+		e.spawn(e.janitor)
+		e.spawn(e.watchLease)
 	})
+}
+
+// spawn runs fn on a goroutine Close waits for, unless the engine is
+// closing; it reports whether it did. Close marks the engine closed under
+// the same lock, so no Add can race its Wait: hooks and RPC handlers start
+// goroutines (takeovers, forwarders) while Close may be waiting, and an
+// Add concurrent with Wait is a data race (the race detector reports it)
+// whose goroutine could outlive Close.
+func (e *Engine) spawn(fn func()) bool {
+	e.spawnMu.Lock()
+	defer e.spawnMu.Unlock()
+	if e.closed.Load() {
+		return false
+	}
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		fn()
+	}()
+	return true
 }
 
 // Close stops every goroutine of the engine (takeovers in progress end
 // with their context). The hooks keep applying the table (fences,
 // translations), but no new takeover starts.
 func (e *Engine) Close() {
-	if e.closed.Swap(true) {
+	e.spawnMu.Lock()
+	closed := e.closed.Swap(true)
+	e.spawnMu.Unlock()
+	if closed {
 		return
 	}
 	if e.r.engine.Load() == e {
@@ -470,6 +514,9 @@ func (e *Engine) setStateLocked(f *flowEntry, s entryState) {
 	if s == esHold {
 		e.nHold.Add(1)
 	}
+	if s == esMoved {
+		f.movedAt = time.Now()
+	}
 	f.state.Store(uint32(s))
 }
 
@@ -521,16 +568,17 @@ func (e *Engine) startRun(f *flowEntry, fn func(ctx context.Context) error) *tak
 		return nil
 	}
 	run := &takeoverRun{done: make(chan struct{})}
-	f.run = run
-	e.wg.Add(1)
-	go func() {
-		defer e.wg.Done()
+	if !e.spawn(func() {
 		defer func() { <-e.sem }()
 		ctx, cancel := context.WithTimeout(e.ctx, e.cfg.Window)
 		defer cancel()
 		run.err = fn(ctx)
 		close(run.done)
-	}()
+	}) {
+		<-e.sem
+		return nil
+	}
+	f.run = run
 	return run
 }
 

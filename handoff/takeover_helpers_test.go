@@ -147,6 +147,8 @@ type tkConfig struct {
 	// ignoreClient is the trackers' IgnoreClient (the node's own
 	// addresses in batond).
 	ignoreClient func(netip.Addr) bool
+	// movedSettle is the engines' MovedSettle (0: default).
+	movedSettle time.Duration
 }
 
 type tkLab struct {
@@ -287,7 +289,7 @@ func (l *tkLab) startNode(name string, peers []Peer, lis net.Listener, pki strin
 		t.Fatal(err)
 	}
 	e, err := NewEngine(EngineConfig{
-		Stack: st, Tracker: tr, Replication: r, Logger: log, Policy: cfg.policy,
+		Stack: st, Tracker: tr, Replication: r, Logger: log, Policy: cfg.policy, MovedSettle: cfg.movedSettle,
 		Service: func(port uint16) services.TCPService {
 			if port == tkStreamPort {
 				return svc
@@ -392,7 +394,6 @@ func (l *tkLab) node(name string) int {
 	return -1
 }
 
-// resets is the number of RSTs the client's connections received.
 // quiesceTo waits until node i's hook chain has judged every client packet
 // the switch handed it (passed, consumed or dropped: each is counted). A
 // test that routes the client away and then changes node i's flow state
@@ -413,6 +414,7 @@ func (l *tkLab) quiesceTo(t *testing.T, i int) {
 	})
 }
 
+// resets is the number of RSTs the client's connections received.
 func (l *tkLab) resets() uint64 { return l.client.Stack.Stats().TCP.ResetsReceived.Value() }
 
 // enableClientSACK turns SACK on in the client stack.

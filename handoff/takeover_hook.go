@@ -138,7 +138,7 @@ func (h *innerHook) inboundEntry(f *flowEntry, p *stack.Packet, seg *tcpSegment,
 		fw := f.fwd
 		f.mu.Unlock()
 		if fw != nil && f.get() == esForward {
-			fw.send(p.Data)
+			fw.send(p.Data, false)
 			return stack.Consume, true
 		}
 		return stack.Drop, true
@@ -153,6 +153,9 @@ func (h *innerHook) inboundEntry(f *flowEntry, p *stack.Packet, seg *tcpSegment,
 	case esMoved:
 		if !intercept || e.closed.Load() {
 			return stack.Drop, true
+		}
+		if h.forwardLate(f, p) {
+			return stack.Consume, true
 		}
 		// The flow left this node and now comes back: take it over again.
 		f.mu.Lock()
@@ -171,6 +174,35 @@ func (h *innerHook) inboundEntry(f *flowEntry, p *stack.Packet, seg *tcpSegment,
 		return stack.Consume, true
 	}
 	return stack.Pass, false
+}
+
+// forwardLate tunnels a client packet of a flow this node handed over
+// less than MovedSettle ago to the flow's new owner, and reports whether
+// it did. Such a packet is most likely late: routed here before the route
+// change that moved the flow, judged after the new owner's claim. Taking
+// the flow back for it would start a claim the next packet (routed to the
+// new owner) undoes: two needless moves, each a stall, seen under load as
+// histories n1 n2 n1 n2 n1 for one route change back. The new owner runs
+// the packet through its own chain like any forwarded one (forwardIn): an
+// old segment there is what TCP handles anyway. It goes as a late packet,
+// so the new owner records no forward in the flow's history. A new owner that is down
+// is no place to send it: the packet takes the flow back as before.
+func (h *innerHook) forwardLate(f *flowEntry, p *stack.Packet) bool {
+	e := h.e
+	f.mu.Lock()
+	owner, at := f.owner, f.movedAt
+	f.mu.Unlock()
+	if e.cfg.MovedSettle < 0 || owner == "" || owner == e.self ||
+		time.Since(at) >= e.cfg.MovedSettle || !e.r.members.Up(owner) {
+		return false
+	}
+	fw := e.forwarderFor(owner)
+	if fw == nil {
+		return false
+	}
+	fw.send(p.Data, true)
+	e.m.packet(pktLateForward)
+	return true
 }
 
 // enqueue copies a client packet into f's queue (bounded per flow and in

@@ -95,9 +95,8 @@ func (e *Engine) awaitGone(peer string) {
 	}
 	e.awaiting[peer] = true
 	e.goneMu.Unlock()
-	e.wg.Add(1)
-	go func() {
-		defer e.wg.Done()
+	// Closing: no waiter; the entry is moot with the engine.
+	e.spawn(func() {
 		defer func() {
 			e.goneMu.Lock()
 			delete(e.awaiting, peer)
@@ -125,7 +124,7 @@ func (e *Engine) awaitGone(peer string) {
 			case <-t.C:
 			}
 		}
-	}()
+	})
 }
 
 // errAwaitGone ends a pull whose owner is unreachable but not certainly

@@ -58,10 +58,11 @@ const (
 	pktForwardUnknown        // tunnelled packets of flows this node does not have
 	pktLeaseFenced           // packets of own flows dropped while this node held no lease (lease.go)
 	pktAwaitGone             // client packets dropped: their owner unreachable, not proven gone (lease.go)
+	pktLateForward           // late packets of a flow just handed over, tunnelled to its new owner (MovedSettle)
 	pktKinds
 )
 
-var pktNames = [pktKinds]string{"queued", "replayed", "queue_dropped", "fenced", "forward_out", "forward_in", "forward_dropped", "forward_unknown", "lease_fenced", "await_gone"}
+var pktNames = [pktKinds]string{"queued", "replayed", "queue_dropped", "fenced", "forward_out", "forward_in", "forward_dropped", "forward_unknown", "lease_fenced", "await_gone", "late_forward"}
 
 // latencyRing keeps the most recent samples for Stats.
 const latencyRing = 1024

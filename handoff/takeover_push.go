@@ -176,13 +176,11 @@ func (e *Engine) peerUp(peer string) {
 	if len(rels) == 0 {
 		return
 	}
-	e.wg.Add(1)
-	go func() {
-		defer e.wg.Done()
+	e.spawn(func() {
 		for _, r := range rels {
 			e.releaseOldOwner(e.ctx, peer, r.k, r.epoch)
 		}
-	}()
+	})
 }
 
 // foreignState is called by replication for every flow state a peer

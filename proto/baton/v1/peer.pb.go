@@ -660,7 +660,12 @@ type ForwardBatch struct {
 	// Sender's node name; must match its certificate.
 	Sender string `protobuf:"bytes,1,opt,name=sender,proto3" json:"sender,omitempty"`
 	// Whole IP packets as the sender's TUN read them.
-	Packets       [][]byte `protobuf:"bytes,2,rep,name=packets,proto3" json:"packets,omitempty"`
+	Packets [][]byte `protobuf:"bytes,2,rep,name=packets,proto3" json:"packets,omitempty"`
+	// Late packets: of flows the sender handed over to this node moments
+	// ago (routed to the sender before the route change that moved them).
+	// Delivered like packets, but no forward is recorded in the flow's
+	// ownership history: nothing is forwarded by policy.
+	LatePackets   [][]byte `protobuf:"bytes,3,rep,name=late_packets,json=latePackets,proto3" json:"late_packets,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -705,6 +710,13 @@ func (x *ForwardBatch) GetSender() string {
 func (x *ForwardBatch) GetPackets() [][]byte {
 	if x != nil {
 		return x.Packets
+	}
+	return nil
+}
+
+func (x *ForwardBatch) GetLatePackets() [][]byte {
+	if x != nil {
+		return x.LatePackets
 	}
 	return nil
 }
@@ -809,10 +821,11 @@ const file_baton_v1_peer_proto_rawDesc = "" +
 	"\tnew_owner\x18\x02 \x01(\tR\bnewOwner\x12\x14\n" +
 	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\"!\n" +
 	"\x0fReleaseResponse\x12\x0e\n" +
-	"\x02ok\x18\x01 \x01(\bR\x02ok\"@\n" +
+	"\x02ok\x18\x01 \x01(\bR\x02ok\"c\n" +
 	"\fForwardBatch\x12\x16\n" +
 	"\x06sender\x18\x01 \x01(\tR\x06sender\x12\x18\n" +
-	"\apackets\x18\x02 \x03(\fR\apackets\"D\n" +
+	"\apackets\x18\x02 \x03(\fR\apackets\x12!\n" +
+	"\flate_packets\x18\x03 \x03(\fR\vlatePackets\"D\n" +
 	"\n" +
 	"ForwardAck\x12\x1a\n" +
 	"\baccepted\x18\x01 \x01(\x04R\baccepted\x12\x1a\n" +
