@@ -109,6 +109,24 @@ func startHealthLab(t *testing.T, ctx context.Context, n int, prefix string) (*l
 	return l, procs
 }
 
+// waitNodeState returns the node's health once its state is want. The
+// node publishes a state once its announcer call returned, so the router
+// can act on the UPDATE (and a test see the route change) a moment before
+// the state says so (CI saw "unhealthy" with the route already back).
+func waitNodeState(t testing.TB, ctx context.Context, c batonv1.AdminClient, want batonv1.NodeState) *batonv1.HealthResponse {
+	t.Helper()
+	var h *batonv1.HealthResponse
+	if err := waitFor(ctx, 30*time.Second, func() error {
+		if h = getHealth(t, ctx, c); h.State != want {
+			return fmt.Errorf("state %v", h.State)
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("node state %v never came: %v", want, err)
+	}
+	return h
+}
+
 func getHealth(t testing.TB, ctx context.Context, c batonv1.AdminClient) *batonv1.HealthResponse {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -204,7 +222,7 @@ func TestHealthCheckFailureWithdraws(t *testing.T) {
 	ctx := testCtx(t)
 	l, _ := startHealthLab(t, ctx, 3, "bth")
 	n2 := adminClient(t, l, 1)
-	if h := getHealth(t, ctx, n2); h.State != batonv1.NodeState_NODE_STATE_SERVING || h.Announcer != "bgp" ||
+	if h := waitNodeState(t, ctx, n2, batonv1.NodeState_NODE_STATE_SERVING); h.Announcer != "bgp" ||
 		len(h.BgpSessions) != 1 || h.BgpSessions[0].State != "established" || h.BgpSessions[0].RoutesAdvertised != uint64(len(families(l))) {
 		t.Fatalf("n2 before: %v", h)
 	}
@@ -215,7 +233,7 @@ func TestHealthCheckFailureWithdraws(t *testing.T) {
 	t.Logf("check failing -> n2 withdrawn from the router's FIB: %s (fall %d x interval %s, then BGP)",
 		t1.Sub(t0).Round(time.Millisecond), checkFall, checkInterval)
 
-	h := getHealth(t, ctx, n2)
+	h := waitNodeState(t, ctx, n2, batonv1.NodeState_NODE_STATE_UNHEALTHY)
 	c := findCheck(h, "http")
 	if h.State != batonv1.NodeState_NODE_STATE_UNHEALTHY || c == nil || c.State != batonv1.CheckState_CHECK_STATE_DOWN ||
 		c.FailRun < checkFall || c.Override != "fail" {
@@ -253,7 +271,7 @@ func TestHealthCheckFailureWithdraws(t *testing.T) {
 	t3 := waitNexthops(t, ctx, l, 0, 1, 2)
 	t.Logf("check passing -> n2 announced again: %s (rise %d x interval %s, then BGP)",
 		t3.Sub(t2).Round(time.Millisecond), checkRise, checkInterval)
-	h = getHealth(t, ctx, n2)
+	h = waitNodeState(t, ctx, n2, batonv1.NodeState_NODE_STATE_SERVING)
 	if c := findCheck(h, "http"); h.State != batonv1.NodeState_NODE_STATE_SERVING || c.State != batonv1.CheckState_CHECK_STATE_UP ||
 		c.OkRun < checkRise || c.Override != "" {
 		t.Fatalf("n2 after recovery: %v, http %v", h.State, c)
@@ -482,7 +500,7 @@ func TestSIGTERMWithdrawsThenWaitsForFlows(t *testing.T) {
 	}
 	t1 := waitNexthops(t, ctx, l, 1)
 	t.Logf("SIGTERM -> n1 withdrawn from the router's FIB: %s", t1.Sub(t0).Round(time.Microsecond))
-	if h := getHealth(t, ctx, a0); h.State != batonv1.NodeState_NODE_STATE_DRAINING ||
+	if h := waitNodeState(t, ctx, a0, batonv1.NodeState_NODE_STATE_DRAINING); h.State != batonv1.NodeState_NODE_STATE_DRAINING ||
 		!slices.Contains(h.Problems, "shutting down") || h.OwnedFlows == 0 {
 		t.Fatalf("n1 after SIGTERM: %v %q, %d flows", h.State, h.Problems, h.OwnedFlows)
 	}
