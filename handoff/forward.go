@@ -74,9 +74,6 @@ func (e *Engine) forwarderFor(peer string) *forwarder {
 	if fw := e.fwds[peer]; fw != nil {
 		return fw
 	}
-	if e.closed.Load() {
-		return nil
-	}
 	fw := &forwarder{e: e, peer: peer, ch: make(chan fwdPacket, forwardQueue), stop: make(chan struct{})}
 	if !e.spawn(fw.run) {
 		return nil

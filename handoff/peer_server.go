@@ -484,20 +484,23 @@ func (s *peerServer) Forward(stream batonv1.Peer_ForwardServer) error {
 			return status.Errorf(codes.PermissionDenied, "%s: sender changed within a stream", RejectIdentityMismatch)
 		}
 		e := s.r.engine.Load()
-		for i, pkt := range slices.Concat(b.Packets, b.LatePackets) {
-			if e == nil {
-				ack.Rejected++
-				continue
-			}
-			k, ok := e.forwardIn(pkt)
-			if !ok {
-				ack.Rejected++
-				continue
-			}
-			ack.Accepted++
-			if late := i >= len(b.Packets); !late && !seen[k] && len(seen) < 4096 {
-				seen[k] = true
-				e.tr.AddHistory(k, sender, HowForward)
+		for j, pkts := range [2][][]byte{b.Packets, b.LatePackets} {
+			late := j == 1
+			for _, pkt := range pkts {
+				if e == nil {
+					ack.Rejected++
+					continue
+				}
+				k, ok := e.forwardIn(pkt)
+				if !ok {
+					ack.Rejected++
+					continue
+				}
+				ack.Accepted++
+				if !late && !seen[k] && len(seen) < 4096 {
+					seen[k] = true
+					e.tr.AddHistory(k, sender, HowForward)
+				}
 			}
 		}
 	}

@@ -44,7 +44,7 @@ type tkTap struct {
 	lost    atomic.Uint64
 	name    string
 	paws    *tkPAWS
-	e       atomic.Pointer[Engine] // the node's engine, once made
+	e       *Engine // the node's engine
 }
 
 // handedOver reports whether the node's engine holds pkt's flow as being
@@ -53,16 +53,16 @@ type tkTap struct {
 // hook drops the flow's outbound packets from then on) and is only still
 // in flight through the outer hooks.
 func (t *tkTap) handedOver(pkt []byte) bool {
-	e := t.e.Load()
-	if e == nil {
-		return false
-	}
-	seg, res := parseTCPSegment(pkt, false, e.prefixes)
+	seg, res := parseTCPSegment(pkt, false, t.e.prefixes)
 	if res != tcpOK {
 		return false
 	}
-	f := e.lookup(seg.key)
-	return f != nil && (f.get() == esHold || f.get() == esMoved)
+	f := t.e.lookup(seg.key)
+	if f == nil {
+		return false
+	}
+	s := f.get()
+	return s == esHold || s == esMoved
 }
 
 // tkPAWS watches the timestamps of the segments every node sends to the
@@ -129,7 +129,7 @@ func (t *tkTap) Outbound(p *stack.Packet) stack.Verdict {
 	if t.paws != nil {
 		if t.handedOver(p.Data) {
 			// Emitted before the hand-over, preempted between the hooks
-			// (CI, under -race: 1 such segment, 1 029 ms below n2's
+			// (a full -race run here: 1 such segment, 1 029 ms below n2's
 			// newest, n2's clock being tsMargin ahead). It reaches the
 			// client late, as a reordered one would: a Linux client
 			// drops it (PAWS) and the new owner covers its bytes.
@@ -332,8 +332,7 @@ func (l *tkLab) startNode(name string, peers []Peer, lis net.Listener, pki strin
 	if err != nil {
 		t.Fatal(err)
 	}
-	tap := &tkTap{rng: rand.New(rand.NewPCG(uint64(len(name)), 7)), name: name, paws: l.paws}
-	tap.e.Store(e)
+	tap := &tkTap{rng: rand.New(rand.NewPCG(uint64(len(name)), 7)), name: name, paws: l.paws, e: e}
 	ep := st.Endpoint()
 	ep.AddHook(tap)
 	var sy *Sync

@@ -185,8 +185,9 @@ func (h *innerHook) inboundEntry(f *flowEntry, p *stack.Packet, seg *tcpSegment,
 // histories n1 n2 n1 n2 n1 for one route change back. The new owner runs
 // the packet through its own chain like any forwarded one (forwardIn): an
 // old segment there is what TCP handles anyway. It goes as a late packet,
-// so the new owner records no forward in the flow's history. A new owner that is down
-// is no place to send it: the packet takes the flow back as before.
+// so the new owner records no forward in the flow's history. A new owner
+// that is down is no place to send it: the packet takes the flow back as
+// before.
 func (h *innerHook) forwardLate(f *flowEntry, p *stack.Packet) bool {
 	e := h.e
 	f.mu.Lock()
