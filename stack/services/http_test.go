@@ -187,7 +187,10 @@ func TestHTTPClientInterop(t *testing.T) {
 
 func TestHTTPIdleTimeout(t *testing.T) {
 	h := NewHTTP("n")
-	h.IdleTimeout = time.Millisecond
+	// Long enough for the request and its answer to cross the pipe
+	// (each write waits for the reader; CI saw 1 ms run out first under
+	// -race), short enough to keep the test quick.
+	h.IdleTimeout = 500 * time.Millisecond
 	cli, done := servePipe(t, context.Background(), h)
 	// One request, then silence: the server must give up on its own.
 	errc := make(chan error, 1)
